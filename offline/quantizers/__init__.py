@@ -1,0 +1,1 @@
+"""Block-wise quantizers: each maps a reordered weight and its block bit table to codes."""

