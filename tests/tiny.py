@@ -1,0 +1,83 @@
+"""Tiny random causal LMs saved as real Hugging Face directories (no hub needed).
+
+Widths are deliberately not multiples of 128 or 512, so every test exercises ragged blocks.
+The tokenizer is a byte-level BPE trained in code on a few sentences, with a chat template,
+so vLLM's /v1/chat/completions works too.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig,
+                          PreTrainedTokenizerFast, Qwen3Config)
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Quantization stores weights with fewer bits; mixed precision gives more bits to salient "
+    "blocks.",
+    "Once upon a time there was a small model that learned to count: one, two, three, four.",
+    "def add(a, b):\n    return a + b\n",
+    "A fine-grained, search-free allocation ranks blocks by Fisher information.",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+VOCAB = 384
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok.to_str()
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(arch: str = "llama", hidden: int = 96, intermediate: int = 200,
+                layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = True):
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=512,
+                  tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                  torch_dtype="float32")
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=hidden // heads, **common)
+    raise ValueError(f"unknown tiny arch {arch!r}")
+
+
+def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0,
+                    dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Build, randomly initialise and save a tiny causal LM with its tokenizer."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    # Larger-than-default init so quantization error and logits are not negligible.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model = model.to(dtype)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    make_tokenizer().save_pretrained(out)
+    GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(out)
+    return out
