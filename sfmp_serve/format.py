@@ -359,6 +359,7 @@ def write_checkpoint(out_dir: str | os.PathLike, hf_config: Mapping[str, Any],
                   metadata={"format": "pt", "sfmp_format_version": str(FORMAT_VERSION)})
         for f in copy_files:
             shutil.copy2(f, tmp / Path(f).name)
+        _apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -366,3 +367,13 @@ def write_checkpoint(out_dir: str | os.PathLike, hf_config: Mapping[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp creates 0700: give the finished checkpoint the permissions a plain mkdir would,
+    so a server running as another user (or in a container) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)

@@ -1,0 +1,231 @@
+"""Search-free bit allocation over blocks (METHOD.md step 4), as pure functions.
+
+All blocks of all linears are ranked together by importance (salience summed over the block).
+The most important get the highest bit-width. Fractions count weights, not blocks: ragged edge
+blocks are smaller, and the achieved average is the block-size-weighted mean.
+- one choice: every block gets it;
+- two choices lo < hi: the top blocks get hi, as many as brings the average closest to target;
+- three choices b1 < b2 < b3: one free fraction (that of b3) once the two constraints are
+  fixed; sweep every cut k3 of the ranking, fill the least important blocks with b1 as far as
+  the average requires, and keep the sweep point minimising sum importance / (2^b - 1)^2.
+`fit_budget` bisects the target so the real checkpoint size fits a byte budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from sfmp_serve.errors import SFMPError
+from sfmp_serve.format import MAX_BITS, LayerGeometry
+
+log = logging.getLogger(__name__)
+
+AVG_TOLERANCE = 0.01  # achieved average bits must be this close to the target
+_PICK_TOLERANCE = 0.005  # three levels: sweep points this close compete on cost alone
+DEFAULT_MIN_BITS = 2  # lowest bit-width a budget search may reach without --bit-choices
+
+
+@dataclass
+class Allocation:
+    block_bits: dict[str, torch.Tensor]  # linear -> uint8 [n_block_rows, n_groups]
+    avg_bits: float  # achieved, weighted by block sizes
+    target_bits: float
+    bit_choices: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and choices
+# --------------------------------------------------------------------------------------------
+def check_block_shape(group_size: int, block_rows: int) -> None:
+    if group_size <= 0:
+        raise SFMPError(f"--group-size={group_size}: must be a positive integer")
+    if group_size % 8:
+        raise SFMPError(f"--group-size={group_size}: must be a multiple of 8")
+    if block_rows <= 0:
+        raise SFMPError(f"--block-rows={block_rows}: must be a positive integer")
+
+
+def parse_bit_choices(text: str) -> tuple[int, ...]:
+    """'2,3,4' -> (2, 3, 4): sorted, distinct, each in 1..MAX_BITS."""
+    try:
+        choices = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError as e:
+        raise SFMPError(f"--bit-choices={text!r}: expected integers like 2,3,4") from e
+    check_choices(choices)
+    return choices
+
+
+def check_choices(choices: Sequence[int]) -> None:
+    if not choices or any(not 1 <= b <= MAX_BITS for b in choices):
+        raise SFMPError(f"--bit-choices={','.join(map(str, choices))}: each must be in "
+                        f"1..{MAX_BITS}")
+    if list(choices) != sorted(set(choices)):
+        raise SFMPError(f"--bit-choices={','.join(map(str, choices))}: must be distinct")
+
+
+def default_choices(target: float, levels: int) -> tuple[int, ...]:
+    """levels=2: floor/ceil of the target (one level if integer); levels=3: the nearest
+    integer and its two neighbours, e.g. 3.25 -> (2, 3, 4)."""
+    if levels == 2:
+        return tuple(sorted({math.floor(target), math.ceil(target)}))
+    if levels == 3:
+        mid = min(max(int(target + 0.5), 2), MAX_BITS - 1)
+        return (mid - 1, mid, mid + 1)
+    raise SFMPError(f"--levels={levels}: expected 2 or 3")
+
+
+def resolve_choices(target: float, levels: int,
+                    bit_choices: Sequence[int] | None) -> tuple[int, ...]:
+    """The bit-widths used for `target`; SFMPError if the target is outside them."""
+    if levels not in (2, 3):
+        raise SFMPError(f"--levels={levels}: expected 2 or 3")
+    if bit_choices is None:
+        if not 1 <= target <= MAX_BITS:
+            raise SFMPError(f"--bits={target}: must be in 1..{MAX_BITS}")
+        return default_choices(target, levels)
+    choices = tuple(bit_choices)
+    check_choices(choices)
+    if len(choices) != levels:
+        raise SFMPError(f"--bit-choices={','.join(map(str, choices))}: {len(choices)} "
+                        f"choices, but --levels={levels}")
+    if not choices[0] <= target <= choices[-1]:
+        raise SFMPError(f"--bits={target}: outside the bit choices "
+                        f"[{choices[0]}, {choices[-1]}]")
+    return choices
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+def block_sums(matrix: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
+    """Sum of a reordered [out, in] matrix inside every block, float64 [n_block_rows, n_groups]."""
+    n, k = matrix.shape
+    row_block = torch.arange(n) // geometry.block_rows
+    col_group = torch.arange(k) // geometry.group_size
+    per_row_block = torch.zeros(geometry.n_block_rows, k, dtype=torch.float64).index_add_(
+        0, row_block, matrix.to(torch.float64))
+    return torch.zeros(geometry.n_block_rows, geometry.n_groups,
+                       dtype=torch.float64).index_add_(1, col_group, per_row_block)
+
+
+def block_sizes(geometry: LayerGeometry) -> torch.Tensor:
+    """Weights in every block (ragged edges smaller), int64 [n_block_rows, n_groups]."""
+    return geometry.rows()[:, None] * geometry.cols()[None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Cut selection on the global ranking (blocks sorted by descending importance)
+# --------------------------------------------------------------------------------------------
+def _two_level(cum: torch.Tensor, total: int, lo: int, hi: int,
+               target: float) -> torch.Tensor:
+    """Per ranked block, its bits: the top-k blocks get `hi`, k brings the average closest."""
+    avg = lo + (hi - lo) * cum.to(torch.float64) / total
+    k = int(torch.argmin((avg - target).abs()))
+    bits = torch.full((cum.numel() - 1,), lo, dtype=torch.uint8)
+    bits[:k] = hi
+    return bits
+
+
+def _three_level(imp: torch.Tensor, cum: torch.Tensor, total: int,
+                 choices: tuple[int, int, int], target: float) -> torch.Tensor:
+    """Sweep the top cut k3; for each, the bottom cut k1 that meets the average; min noise."""
+    b1, b2, b3 = choices
+    n = imp.numel()
+    cum64 = cum.to(torch.float64)
+    bottom = total - cum64.flip(0)  # bottom[j] = weights of the j least important blocks
+    k3 = torch.arange(n + 1)
+    w3 = cum64
+    need1 = (b3 * w3 + b2 * (total - w3) - target * total) / (b2 - b1)
+    upper = n - k3  # the b1 blocks must not overlap the b3 blocks
+    j = torch.searchsorted(bottom, need1.clamp(min=0).contiguous())
+    cands = torch.stack([j - 1, j]).clamp(min=0)
+    cands = torch.minimum(cands, upper[None, :])
+    w1 = bottom[cands]
+    avg = (b3 * w3 + b2 * (total - w3 - w1) + b1 * w1) / total  # [2, n+1]
+    pick = (avg - target).abs().argmin(0)
+    k1 = cands.gather(0, pick[None])[0]
+    dev = (avg.gather(0, pick[None])[0] - target).abs()
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), imp.cumsum(0)])
+    noise = [1.0 / (2.0 ** b - 1) ** 2 for b in choices]
+    cost = (prefix[k3] * noise[2] + (prefix[n - k1] - prefix[k3]) * noise[1]
+            + (prefix[n] - prefix[n - k1]) * noise[0])
+    ok = dev <= max(_PICK_TOLERANCE, float(dev.min())) + 1e-12
+    best = int(torch.where(ok, cost, torch.full_like(cost, math.inf)).argmin())
+    bits = torch.full((n,), b2, dtype=torch.uint8)
+    bits[:best] = b3
+    bits[n - int(k1[best]):] = b1
+    return bits
+
+
+def allocate(importance: Mapping[str, torch.Tensor], sizes: Mapping[str, torch.Tensor],
+             target: float, choices: Sequence[int], warn: bool = True) -> Allocation:
+    """Bits for every block of every linear from one global importance ranking."""
+    choices = tuple(choices)
+    names = list(importance)
+    imp = torch.cat([importance[n].flatten().to(torch.float64) for n in names])
+    size = torch.cat([sizes[n].flatten().to(torch.int64) for n in names])
+    total = int(size.sum())
+    # Stable: equal importance keeps model order, so the result is deterministic.
+    order = torch.sort(imp, descending=True, stable=True).indices
+    cum = torch.cat([torch.zeros(1, dtype=torch.int64), size[order].cumsum(0)])
+    if len(choices) == 1:
+        ranked = torch.full((imp.numel(),), choices[0], dtype=torch.uint8)
+    elif len(choices) == 2:
+        ranked = _two_level(cum, total, choices[0], choices[1], target)
+    elif len(choices) == 3:
+        ranked = _three_level(imp[order], cum, total, choices, target)
+    else:
+        raise SFMPError(f"--bit-choices: {len(choices)} choices, at most 3 are supported")
+    flat = torch.empty_like(ranked)
+    flat[order] = ranked
+    avg = float((flat.to(torch.int64) * size).sum()) / total
+    if warn and abs(avg - target) > AVG_TOLERANCE:
+        log.warning("achieved average %.4f bits for target %.4f: the blocks are too coarse "
+                    "for %.2f-bit precision (use smaller --block-rows/--group-size)", avg,
+                    target, AVG_TOLERANCE)
+    out, start = {}, 0
+    for name in names:
+        count = importance[name].numel()
+        out[name] = flat[start:start + count].view(importance[name].shape).clone()
+        start += count
+    return Allocation(out, avg, target, choices)
+
+
+# --------------------------------------------------------------------------------------------
+# Budget
+# --------------------------------------------------------------------------------------------
+def budget_too_small(budget_gb: float, lowest: float, smallest_bytes: int) -> str:
+    return (f"--budget-gb={budget_gb:g}: too small; the smallest checkpoint ({lowest:g} bits "
+            f"in every block) needs {smallest_bytes / 1e9:.6g} GB ({smallest_bytes} bytes)")
+
+
+def fit_budget(budget_bytes: int, allocate_at: Callable[[float], Allocation],
+               size_of: Callable[[Allocation], int], lowest: float, highest: float,
+               resolution: float = 1e-3) -> Allocation:
+    """The allocation of the largest target in [lowest, highest] whose size fits the budget.
+
+    Bisection on the target; every probe is sized exactly (size_of on the real allocation).
+    """
+    best = allocate_at(lowest)
+    smallest = size_of(best)
+    if smallest > budget_bytes:
+        raise SFMPError(budget_too_small(budget_bytes / 1e9, lowest, smallest))
+    top = allocate_at(highest)
+    if size_of(top) <= budget_bytes:
+        return top
+    lo, hi = lowest, highest
+    while hi - lo > resolution:
+        mid = (lo + hi) / 2
+        probe = allocate_at(mid)
+        if size_of(probe) <= budget_bytes:
+            lo, best = mid, probe
+        else:
+            hi = mid
+    log.info("budget %.4f GB: target %.4f bits, achieved %.4f, %.4f GB", budget_bytes / 1e9,
+             best.target_bits, best.avg_bits, size_of(best) / 1e9)
+    return best

@@ -1,0 +1,127 @@
+"""Load a Hugging Face causal LM directory and locate its decoder linears through sfmp_serve.arch.
+
+The model is loaded in the dtype it was saved in (to remember every tensor's original dtype and
+the activation dtype), then converted to float32 for calibration, salience and quantization.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sfmp_serve.arch import ArchSpec, arch_for
+from sfmp_serve.errors import SFMPError
+from sfmp_serve.format import ACT_DTYPES, read_hf_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A float32 causal LM plus what the pipeline needs to know about its checkpoint."""
+
+    path: Path
+    hf_config: dict[str, Any]  # config.json as saved (all keys kept)
+    spec: ArchSpec
+    model: nn.Module  # float32, eval mode
+    linears: dict[str, nn.Linear]  # full module name -> decoder linear, in model order
+    input_groups: list[tuple[str, ...]]  # full names of linears sharing one input
+    orig_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # state-dict key -> dtype
+    act_dtype: torch.dtype = torch.float32
+
+
+def _causal_lm_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (tuple, list)) else (value,))
+    return names
+
+
+def check_causal_lm(path: Path, hf_config: dict[str, Any]) -> ArchSpec:
+    """Reject configs that are not causal LMs, already quantized, or of an unknown family."""
+    if hf_config.get("quantization_config"):
+        method = hf_config["quantization_config"].get("quant_method", "?")
+        raise SFMPError(f"{path}: model is already quantized (quant_method '{method}'); "
+                        "quantize the unquantized checkpoint")
+    architectures = hf_config.get("architectures") or []
+    if architectures and not set(architectures) & _causal_lm_class_names():
+        raise SFMPError(f"{path}: not a causal LM (architectures: {', '.join(architectures)})")
+    model_type = hf_config.get("model_type")
+    if not model_type:
+        raise SFMPError(f"{path}/config.json: no model_type, cannot tell the architecture")
+    return arch_for(model_type)
+
+
+def _get_submodule(root: nn.Module, path: str, what: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError as e:
+        raise SFMPError(f"cannot find {what} '{path}' in {type(root).__name__}: "
+                        "the architecture table does not match this model") from e
+
+
+def find_linears(model: nn.Module, spec: ArchSpec) -> tuple[dict[str, nn.Linear],
+                                                            list[tuple[str, ...]]]:
+    """Full names of every decoder linear (model order) and the full-name input groups."""
+    layers = _get_submodule(model, spec.layers_path, "decoder layer list")
+    linears: dict[str, nn.Linear] = {}
+    groups: list[tuple[str, ...]] = []
+    for i, layer in enumerate(layers):
+        prefix = f"{spec.layers_path}.{i}"
+        for rel in spec.linears:
+            module = _get_submodule(layer, rel, "linear")
+            if not isinstance(module, nn.Linear):
+                raise SFMPError(f"{prefix}.{rel}: expected a Linear, found "
+                                f"{type(module).__name__}")
+            linears[f"{prefix}.{rel}"] = module
+        groups.extend(tuple(f"{prefix}.{rel}" for rel in g) for g in spec.input_groups)
+    if not linears:
+        raise SFMPError(f"{type(model).__name__}: no decoder layers under '{spec.layers_path}'")
+    return linears, groups
+
+
+def check_finite(model: nn.Module) -> None:
+    """NaN/Inf in any weight makes salience and quantization meaningless: name the tensor."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SFMPError(f"weight {name} contains NaN or Inf")
+
+
+def load_model(model_dir: str | os.PathLike) -> LoadedModel:
+    """Load MODEL_DIR as a float32 causal LM; SFMPError for every unusable input."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise SFMPError(f"{path}: model directory does not exist")
+    hf_config = read_hf_config(path)
+    spec = check_causal_lm(path, hf_config)
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    except (OSError, ValueError, KeyError) as e:
+        raise SFMPError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from e
+    orig_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    check_finite(model)
+    linears, groups = find_linears(model, spec)
+    act_dtype = next(iter(linears.values())).weight.dtype
+    if act_dtype not in ACT_DTYPES.values():
+        raise SFMPError(f"{path}: weights are {act_dtype}; expected float16, bfloat16 or float32")
+    model = model.float().eval()
+    log.info("loaded %s: %d decoder linears, weights in %s", path, len(linears), act_dtype)
+    return LoadedModel(path, hf_config, spec, model, linears, groups, orig_dtypes, act_dtype)
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The model's tokenizer (needed for text calibration)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise SFMPError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0]})") \
+            from e

@@ -1,0 +1,335 @@
+"""The offline SFMP pipeline: wires the stages, times them, and nothing else.
+
+load -> calibration -> salience -> reorder -> allocation -> quantize -> pack -> export
+The math lives in the stage modules. Quantization methods plug in through METHODS: a factory
+receives the loaded model, calibration tokens and orders, and returns a Quantizer; a quantizer
+that also implements `linear_context(name)` gets per-linear context (e.g. inputs) from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import torch
+from tqdm import tqdm
+
+from offline import allocation as alloc
+from offline.calibration import CalibrationSpec, calibration_tokens
+from offline.export import (act_dtype_name, bits_per_weight, nbytes, pack_codes,
+                            packed_nbytes, save_checkpoint, unquantized_tensors)
+from offline.model_io import LoadedModel, load_model, load_tokenizer
+from offline.quantizers.awq import AWQQuantizer
+from offline.quantizers.base import LinearContext, QuantizedCodes, Quantizer
+from offline.quantizers.gptq import GPTQQuantizer
+from offline.quantizers.rtn import RTNQuantizer
+from offline.reorder import Order, identity_order, salience_orders
+from offline.salience import fisher_diagonal, resolve_device
+from offline.sequential import make_plans, quantize_sequential
+from sfmp_serve.errors import SFMPError
+from sfmp_serve.format import MAX_BITS, LayerGeometry, PackedLinear, SFMPConfig
+
+log = logging.getLogger(__name__)
+
+# CPU-sized defaults: 32 x 256 tokens keep SmolLM2-135M's sampling + Fisher pass to about two
+# minutes on 2 idle cores (the reference uses 128 x 512 on a GPU; pass those with --device cuda).
+DEFAULT_NSAMPLES = 32
+DEFAULT_SEQLEN = 256
+STAGES = ("load", "calibration", "salience", "reorder", "allocation", "quantize", "pack",
+          "export")
+
+
+@dataclass
+class QuantizeOptions:
+    bits: float | None
+    budget_gb: float | None
+    levels: int = 2
+    bit_choices: tuple[int, ...] | None = None
+    group_size: int = 128
+    block_rows: int = 512
+    method: str = "rtn"
+    calib: str | None = None  # None: data-free (sampled from the model)
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int = DEFAULT_SEQLEN
+    seed: int = 0
+    device: str = "cpu"
+    uniform: bool = False  # baseline: no salience, identity orders, one integer bit-width
+
+    def validate(self) -> None:
+        """Every check that needs no model, so bad flags fail before minutes of work."""
+        if (self.bits is None) == (self.budget_gb is None):
+            raise SFMPError("pass exactly one of --bits and --budget-gb")
+        if self.budget_gb is not None and not self.budget_gb > 0:
+            raise SFMPError(f"--budget-gb={self.budget_gb}: must be positive")
+        alloc.check_block_shape(self.group_size, self.block_rows)
+        if self.method not in METHODS:
+            raise SFMPError(f"--method={self.method!r}: expected one of {', '.join(METHODS)}")
+        resolve_device(self.device)
+        if self.uniform:
+            if self.bits is not None and self.bits != int(self.bits):
+                raise SFMPError(f"--bits={self.bits}: --uniform needs an integer bit-width")
+            if self.bits is not None:
+                alloc.check_choices((int(self.bits),))
+        elif self.bits is not None:
+            alloc.resolve_choices(self.bits, self.levels, self.bit_choices)
+        elif self.levels not in (2, 3):
+            raise SFMPError(f"--levels={self.levels}: expected 2 or 3")
+        elif self.bit_choices is not None:  # budget: the target is searched inside the choices
+            alloc.resolve_choices(self.bit_choices[0], self.levels, self.bit_choices)
+        CalibrationSpec(self.calib, self.nsamples, self.seqlen, self.seed)
+
+
+@dataclass
+class QuantizeResult:
+    config: SFMPConfig
+    packed: dict[str, PackedLinear]
+    hf_config: dict[str, Any]
+    extra_tensors: dict[str, torch.Tensor]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MethodInputs:
+    """What a quantizer factory may use to prepare (e.g. collect activation statistics)."""
+
+    loaded: LoadedModel
+    tokens: torch.Tensor | None  # calibration tokens [nsamples, seqlen]; None if not needed
+    orders: dict[str, Order]
+    options: QuantizeOptions
+
+
+@runtime_checkable
+class ProvidesContext(Protocol):
+    def linear_context(self, name: str) -> LinearContext: ...
+
+
+QuantizerFactory = Callable[[MethodInputs], Quantizer]
+METHODS: dict[str, QuantizerFactory] = {"rtn": lambda inputs: RTNQuantizer(),
+                                        "awq": lambda inputs: AWQQuantizer(),
+                                        "gptq": lambda inputs: GPTQQuantizer()}
+# Methods that read calibration inputs: they run layer by layer (offline.sequential) and need
+# calibration data even with --uniform.
+CALIBRATED_METHODS = frozenset({"awq", "gptq"})
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Stages (thin wrappers binding the stage modules to a LoadedModel)
+# --------------------------------------------------------------------------------------------
+def geometries(loaded: LoadedModel, options: QuantizeOptions) -> dict[str, LayerGeometry]:
+    return {name: LayerGeometry(lin.out_features, lin.in_features, options.group_size,
+                                options.block_rows) for name, lin in loaded.linears.items()}
+
+
+def budget_range(options: QuantizeOptions) -> tuple[int, int]:
+    """Lowest and highest average bits a --budget-gb search may reach."""
+    choices = options.bit_choices
+    return (choices[0], choices[-1]) if choices else (alloc.DEFAULT_MIN_BITS, MAX_BITS)
+
+
+def checkpoint_bytes(geos: dict[str, LayerGeometry], block_bits: dict[str, torch.Tensor],
+                     act_dtype: torch.dtype, extra_bytes: int) -> int:
+    """Exact tensor bytes of the checkpoint an allocation produces."""
+    return extra_bytes + sum(packed_nbytes(geos[n], block_bits[n], act_dtype) for n in geos)
+
+
+def check_budget_reachable(loaded: LoadedModel, geos: dict[str, LayerGeometry],
+                           extra_bytes: int, options: QuantizeOptions) -> None:
+    """Before minutes of calibration: does even the lowest bit-width everywhere fit?"""
+    if options.budget_gb is None:
+        return
+    lowest = budget_range(options)[0]
+    bits = {n: torch.full((g.n_block_rows, g.n_groups), lowest, dtype=torch.uint8)
+            for n, g in geos.items()}
+    smallest = checkpoint_bytes(geos, bits, loaded.act_dtype, extra_bytes)
+    if smallest > options.budget_gb * 1e9:
+        raise SFMPError(alloc.budget_too_small(options.budget_gb, lowest, smallest))
+
+
+def allocate_bits(loaded: LoadedModel, importance: dict[str, torch.Tensor],
+                  geos: dict[str, LayerGeometry], extra_bytes: int,
+                  options: QuantizeOptions) -> alloc.Allocation:
+    """Block bits from --bits, or the largest average that fits --budget-gb."""
+    sizes = {name: alloc.block_sizes(geo) for name, geo in geos.items()}
+
+    def at(target: float) -> alloc.Allocation:
+        if options.uniform:
+            return alloc.allocate(importance, sizes, math.floor(target), (math.floor(target),))
+        choices = alloc.resolve_choices(target, options.levels, options.bit_choices)
+        return alloc.allocate(importance, sizes, target, choices, warn=options.bits is not None)
+
+    if options.bits is not None:
+        return at(options.bits)
+    result = alloc.fit_budget(
+        int(options.budget_gb * 1e9), at,
+        lambda a: checkpoint_bytes(geos, a.block_bits, loaded.act_dtype, extra_bytes),
+        *budget_range(options))
+    if abs(result.avg_bits - result.target_bits) > alloc.AVG_TOLERANCE:
+        log.warning("achieved average %.4f bits for target %.4f", result.avg_bits,
+                    result.target_bits)
+    return result
+
+
+def quantize_linears(loaded: LoadedModel, quantizer: Quantizer, orders: dict[str, Order],
+                     allocation: alloc.Allocation,
+                     geos: dict[str, LayerGeometry]) -> dict[str, QuantizedCodes]:
+    out = {}
+    for name, lin in tqdm(loaded.linears.items(), desc="quantize", unit="linear", leave=False):
+        context = (quantizer.linear_context(name) if isinstance(quantizer, ProvidesContext)
+                   else LinearContext())
+        weight = orders[name].apply(lin.weight.detach())
+        out[name] = quantizer.quantize(weight, allocation.block_bits[name], geos[name], context)
+    return out
+
+
+def quantize_calibrated(loaded: LoadedModel, quantizer: Quantizer, tokens: torch.Tensor,
+                        orders: dict[str, Order], allocation: alloc.Allocation,
+                        geos: dict[str, LayerGeometry], device: str,
+                        extra: dict[str, torch.Tensor]) -> dict[str, QuantizedCodes]:
+    """Calibrated methods run one decoder layer at a time on its inputs (offline.sequential).
+
+    Tensors they change besides the quantized linears (AWQ folds scales into norms) replace
+    their copies in `extra`; quantized linears' biases are packed from the model afterwards.
+    """
+    plans = make_plans(orders, allocation.block_bits, geos)
+    result = quantize_sequential(loaded.model, loaded.spec, plans, quantizer, tokens, device)
+    for key, value in result.tensors.items():
+        if key in extra:
+            extra[key] = value.to(extra[key].dtype)
+    return result.codes
+
+
+def pack_linears(loaded: LoadedModel, codes: dict[str, QuantizedCodes],
+                 orders: dict[str, Order], allocation: alloc.Allocation,
+                 geos: dict[str, LayerGeometry]) -> dict[str, PackedLinear]:
+    out = {}
+    for name in tqdm(codes, desc="pack", unit="linear", leave=False):
+        bias = loaded.linears[name].bias
+        if bias is not None:
+            bias = bias.detach().to(loaded.orig_dtypes.get(f"{name}.bias", loaded.act_dtype))
+        out[name] = pack_codes(codes[name], allocation.block_bits[name], geos[name],
+                               orders[name], loaded.act_dtype, bias)
+    return out
+
+
+def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: alloc.Allocation,
+                 packed: dict[str, PackedLinear], quantizer: Quantizer) -> SFMPConfig:
+    calibrated = not options.uniform or options.method in CALIBRATED_METHODS
+    calibration = ({"source": "none"} if not calibrated else
+                   CalibrationSpec(options.calib, options.nsamples, options.seqlen,
+                                   options.seed).describe())
+    # How the bits were chosen travels with the method's own arguments (if it has any).
+    method_args = {**getattr(quantizer, "method_args", {}), "levels": options.levels,
+                   "allocation": "uniform" if options.uniform else "fisher"}
+    if options.budget_gb is not None:
+        method_args["budget_gb"] = options.budget_gb
+    return SFMPConfig(
+        group_size=options.group_size, block_rows=options.block_rows,
+        bit_choices=allocation.bit_choices, avg_bits=round(allocation.avg_bits, 6),
+        bits_per_weight=round(bits_per_weight(packed), 6),
+        act_dtype=act_dtype_name(loaded.act_dtype), quantized_modules=tuple(packed),
+        input_groups=loaded.spec.input_groups, target_bits=allocation.target_bits,
+        method=quantizer.name, method_args=method_args, calibration=calibration)
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+def _calibration(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
+                 device: torch.device) -> torch.Tensor:
+    """Calibration tokens [nsamples, seqlen] (the model is already on `device`)."""
+    with timer("calibration"):
+        spec = CalibrationSpec(options.calib, options.nsamples, options.seqlen, options.seed)
+        return calibration_tokens(spec, loaded.model, loaded.hf_config,
+                                  lambda: load_tokenizer(loaded.path), device)
+
+
+def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
+                     geos: dict[str, LayerGeometry],
+                     ) -> tuple[torch.Tensor | None, dict[str, Order], dict[str, torch.Tensor]]:
+    """calibration, salience, reorder -> (tokens, orders, reordered block importance)."""
+    device = resolve_device(options.device)
+    if options.uniform:  # baseline: nothing is ranked; only a calibrated method needs data
+        orders = {n: identity_order(g.out_features, g.in_features) for n, g in geos.items()}
+        tokens = None
+        if options.method in CALIBRATED_METHODS:
+            loaded.model.to(device)
+            try:
+                tokens = _calibration(loaded, options, timer, device)
+            finally:
+                loaded.model.to("cpu")
+        return tokens, orders, {n: torch.zeros(g.n_block_rows, g.n_groups)
+                                for n, g in geos.items()}
+    loaded.model.to(device)
+    try:
+        tokens = _calibration(loaded, options, timer, device)
+        with timer("salience"):
+            salience = fisher_diagonal(loaded.model, loaded.linears, tokens, device)
+    finally:
+        loaded.model.to("cpu")
+    with timer("reorder"):
+        orders = salience_orders(salience, loaded.input_groups)
+        importance = {n: alloc.block_sums(orders[n].apply(s), geos[n])
+                      for n, s in salience.items()}
+    return tokens, orders, importance
+
+
+def quantize_model(model_dir: str | os.PathLike, options: QuantizeOptions) -> QuantizeResult:
+    """Run every stage on MODEL_DIR; the result is ready for `save_result`."""
+    options.validate()
+    timer = StageTimer()
+    with timer("load"):
+        loaded = load_model(model_dir)
+        geos = geometries(loaded, options)
+    with timer("export"):  # the unquantized tensors' size is part of a budget
+        extra = unquantized_tensors(loaded.model, loaded.linears, loaded.orig_dtypes)
+    check_budget_reachable(loaded, geos, nbytes(extra), options)
+    tokens, orders, importance = _salience_stages(loaded, options, timer, geos)
+    with timer("allocation"):
+        allocation = allocate_bits(loaded, importance, geos, nbytes(extra), options)
+    log.info("allocation: target %.4f bits, achieved %.4f over choices %s",
+             allocation.target_bits, allocation.avg_bits, allocation.bit_choices)
+    with timer("quantize"):
+        quantizer = METHODS[options.method](MethodInputs(loaded, tokens, orders, options))
+        if options.method in CALIBRATED_METHODS:
+            codes = quantize_calibrated(loaded, quantizer, tokens, orders, allocation, geos,
+                                        options.device, extra)
+        else:
+            codes = quantize_linears(loaded, quantizer, orders, allocation, geos)
+    with timer("pack"):
+        packed = pack_linears(loaded, codes, orders, allocation, geos)
+    with timer("export"):
+        config = build_config(loaded, options, allocation, packed, quantizer)
+        for name, p in packed.items():
+            p.validate(name, config, (geos[name].out_features, geos[name].in_features))
+    seconds = {s: timer.seconds[s] for s in STAGES if s in timer.seconds}
+    return QuantizeResult(config, packed, loaded.hf_config, extra, seconds)
+
+
+def save_result(result: QuantizeResult, model_dir: str | os.PathLike,
+                out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the checkpoint atomically; the write time is added to the export stage."""
+    start = time.perf_counter()
+    out = save_checkpoint(out_dir, model_dir, result.hf_config, result.config, result.packed,
+                          result.extra_tensors, overwrite=overwrite)
+    result.stage_seconds["export"] = (result.stage_seconds.get("export", 0.0)
+                                      + time.perf_counter() - start)
+    return out

@@ -1,0 +1,74 @@
+"""Salience: the diagonal of the empirical Fisher information of every decoder linear weight.
+
+F_ii = sum over calibration sequences of (d loss_seq / d w_i)^2, with loss_seq the mean LM loss
+of one sequence. Each backward pass sees one sequence, so each square is a per-sample square as
+the Fisher requires (squaring a batch-summed gradient would add cross terms). Computed in float32:
+bf16 gradients are too coarse to rank weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from sfmp_serve.errors import SFMPError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in ("cpu", "cuda"):
+        raise SFMPError(f"--device={device!r}: expected 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SFMPError("--device=cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+@contextmanager
+def grads_only_for(model: nn.Module, weights: list[nn.Parameter]) -> Iterator[None]:
+    """Compute gradients for `weights` only (no embedding/lm_head grads), restored afterwards."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def fisher_diagonal(model: nn.Module, linears: dict[str, nn.Linear], tokens: torch.Tensor,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Squared per-sequence gradients of the LM loss, summed, for each linear's weight.
+
+    model must be float32 and already on `device`; returns float32 CPU tensors [out, in].
+    """
+    device = torch.device(device)
+    weights = {name: lin.weight for name, lin in linears.items()}
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    model.eval()  # no dropout: the gradient of the model being quantized
+    with grads_only_for(model, list(weights.values())):
+        for seq in tqdm(tokens, desc="salience (fisher)", unit="seq", leave=False):
+            ids = seq[None].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            for name, w in weights.items():
+                fisher[name].addcmul_(w.grad, w.grad)
+                w.grad = None
+    out = {}
+    for name, f in fisher.items():
+        if not torch.isfinite(f).all():
+            raise SFMPError(f"salience of {name} contains NaN or Inf (the loss or its "
+                            "gradient overflowed on the calibration data)")
+        out[name] = f.cpu()
+    log.info("salience: Fisher diagonal of %d linears over %d sequences", len(out),
+             tokens.shape[0])
+    return out
