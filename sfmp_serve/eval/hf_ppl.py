@@ -1,0 +1,46 @@
+"""Perplexity of a transformers model (plain HF directory or SFMP checkpoint) on the windows."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from tqdm import tqdm
+
+from sfmp_serve.eval.windows import PplResult, scored_tokens
+from sfmp_serve.format import is_sfmp_checkpoint, read_hf_config
+
+log = logging.getLogger(__name__)
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, device: str = "cpu",
+                             dtype: torch.dtype | None = None):
+    """(model, tokenizer) of an HF directory or an SFMP checkpoint, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    read_hf_config(path)  # one-line error for a missing directory or config.json
+    if is_sfmp_checkpoint(path):
+        from sfmp_serve.hf import load_sfmp_model
+        model = load_sfmp_model(path, device=device, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def window_nll(model, ids: list[int]) -> float:
+    """Summed NLL (nats) of positions 1.. of one window, log-softmax in float32."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    logits = model(input_ids).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return -float(logprobs.gather(1, input_ids[0, 1:, None]).sum())
+
+
+def hf_perplexity(model, windows: list[list[int]], seqlen: int,
+                  progress: bool = True) -> PplResult:
+    nll = 0.0
+    for ids in tqdm(windows, desc="ppl (HF)", unit="window", disable=not progress):
+        nll += window_nll(model, ids)
+    return PplResult.from_nll(nll, scored_tokens(windows), seqlen, len(windows))

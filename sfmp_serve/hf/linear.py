@@ -1,0 +1,76 @@
+"""SFMPLinear: an nn.Module that keeps a linear in its packed SFMP form.
+
+The packed tensors are buffers named exactly like the checkpoint's (`<layer>.qweight`, ...), so
+`state_dict()` of a swapped model is the checkpoint's tensor set. No dense weight is kept:
+memory is the point of the format. The op is called in one place, `sfmp_matmul`, so a faster
+kernel replaces the reference without touching anything else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sfmp_serve.errors import FormatError
+from sfmp_serve.format import TENSOR_SUFFIXES, PackedLinear, SFMPConfig
+from sfmp_serve.ops.reference import sfmp_linear_reference
+
+
+def sfmp_matmul(x: torch.Tensor, packed: PackedLinear, config: SFMPConfig) -> torch.Tensor:
+    """y = x @ W^T (+ bias): the single call site of the SFMP op on the transformers path.
+
+    The `dequant` formulation rebuilds the weight transiently inside the call (one matmul is
+    far faster in plain torch than the table lookups of `lut`); nothing outlives the call.
+    """
+    return sfmp_linear_reference(x, packed, config, mode="dequant")
+
+
+class SFMPLinear(nn.Module):
+    """Drop-in replacement for nn.Linear(in_features, out_features) holding a PackedLinear."""
+
+    def __init__(self, packed: PackedLinear, config: SFMPConfig) -> None:
+        super().__init__()
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.config = config
+        for suffix in TENSOR_SUFFIXES:
+            self.register_buffer(suffix, getattr(packed, suffix))
+        self.register_buffer("bias", packed.bias)
+
+    def packed(self) -> PackedLinear:
+        """A view of the buffers as a PackedLinear (follows .to(device) of the module)."""
+        return PackedLinear(**{s: getattr(self, s) for s in TENSOR_SUFFIXES}, bias=self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sfmp_matmul(x, self.packed(), self.config)
+
+    def extra_repr(self) -> str:
+        bits = self.block_bits.to(torch.float64)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, block_bits={bits.min():.0f}..{bits.max():.0f}")
+
+
+def find_linear(model: nn.Module, name: str) -> nn.Linear:
+    """The nn.Linear called `name`; FormatError if the model has none (config/model mismatch)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise FormatError(f"layer {name}: listed in quantization_config.quantized_modules but "
+                          f"the model has no linear of that name")
+    return module
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def check_bias(name: str, linear: nn.Linear, stored: bool) -> None:
+    """The checkpoint stores `<name>.bias` exactly when the model's linear has a bias."""
+    if stored != (linear.bias is not None):
+        why = "unexpected (the model's linear has no bias)" if stored else "missing"
+        raise FormatError(f"layer {name}: tensor {name}.bias: {why}")

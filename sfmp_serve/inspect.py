@@ -1,0 +1,188 @@
+"""What an SFMP checkpoint holds: bit-widths, storage cost, sizes, and a heatmap of block bits.
+
+All numbers are recomputed from the (validated) tensors, not copied from quantization_config:
+avg_bits = code bits per quantized weight (blocks weighted by their size); bits_per_weight
+adds alpha/beta, the bit and offset tables and the permutations (PackedLinear.stored_bits).
+size_bytes is the size of the *.safetensors files on disk; original_size_bytes is the same
+model unquantized: every floating tensor (quantized linears at [out, in]) in the act dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sfmp_serve.format import Checkpoint, LayerGeometry, load_checkpoint
+
+
+@dataclass
+class LinearBits:
+    name: str
+    geometry: LayerGeometry
+    block_bits: torch.Tensor  # uint8 [n_block_rows, n_groups]
+
+    @property
+    def layer_type(self) -> str:
+        return self.name.rpartition(".")[2]
+
+    def weights_per_bits(self) -> dict[int, int]:
+        sizes = self.geometry.rows()[:, None] * self.geometry.cols()[None, :]
+        bits = self.block_bits.to(torch.int64)
+        return {int(b): int(sizes[bits == b].sum()) for b in bits.unique()}
+
+
+@dataclass
+class CheckpointSummary:
+    path: Path
+    act_dtype: str
+    group_size: int
+    block_rows: int
+    bit_choices: tuple[int, ...]
+    quantized_weights: int
+    avg_bits: float
+    bits_per_weight: float
+    size_bytes: int
+    original_size_bytes: int
+    # layer type (module name suffix) -> bit-width -> number of weights
+    histogram: dict[str, dict[int, int]] = field(default_factory=dict)
+    linears: list[LinearBits] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path), "act_dtype": self.act_dtype,
+            "group_size": self.group_size, "block_rows": self.block_rows,
+            "bit_choices": list(self.bit_choices), "quantized_linears": len(self.linears),
+            "quantized_weights": self.quantized_weights, "avg_bits": self.avg_bits,
+            "bits_per_weight": self.bits_per_weight, "size_bytes": self.size_bytes,
+            "original_size_bytes": self.original_size_bytes,
+            "compression": self.original_size_bytes / self.size_bytes,
+            "bit_histogram": {t: {str(b): n for b, n in sorted(h.items())}
+                              for t, h in self.histogram.items()},
+        }
+
+
+def _original_size(ckpt: Checkpoint) -> int:
+    elt = ckpt.config.torch_act_dtype.itemsize
+    quantized = set(ckpt.config.quantized_modules)
+    total = 0
+    for key, t in ckpt.tensors.items():
+        owner = key.rpartition(".")[0]
+        if owner in quantized and not key.endswith(".bias"):
+            continue  # counted below as one dense [out, in] weight
+        total += t.numel() * (elt if t.is_floating_point() else t.element_size())
+    for name in quantized:
+        p = ckpt.packed(name)
+        total += p.out_features * p.in_features * elt
+    return total
+
+
+def summarize(path: str | os.PathLike) -> CheckpointSummary:
+    """Validate the checkpoint at `path` and summarise it (raises SFMPError when broken)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.config
+    linears, histogram = [], defaultdict(lambda: defaultdict(int))
+    n_weights = code_bits = stored_bits = 0
+    for name in cfg.quantized_modules:
+        packed = ckpt.packed(name)
+        lb = LinearBits(name, packed.geometry(cfg), packed.block_bits)
+        linears.append(lb)
+        for bits, count in lb.weights_per_bits().items():
+            histogram[lb.layer_type][bits] += count
+            code_bits += bits * count
+        n_weights += packed.out_features * packed.in_features
+        stored_bits += packed.stored_bits()
+    size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return CheckpointSummary(
+        Path(path), cfg.act_dtype, cfg.group_size, cfg.block_rows, cfg.bit_choices, n_weights,
+        code_bits / max(n_weights, 1), stored_bits / max(n_weights, 1), size,
+        _original_size(ckpt), {t: dict(h) for t, h in histogram.items()}, linears)
+
+
+def format_summary(s: CheckpointSummary) -> str:
+    """The human-readable report `sfmp inspect` prints."""
+    mb = 1e6
+    lines = [
+        f"checkpoint   {s.path}",
+        f"quantized    {len(s.linears)} linears, {s.quantized_weights:,} weights; blocks "
+        f"{s.block_rows} rows x {s.group_size} inputs; bit choices "
+        f"{', '.join(map(str, s.bit_choices))}",
+        f"avg bits     {s.avg_bits:.3f} (code bits per weight)",
+        f"bits/weight  {s.bits_per_weight:.3f} (incl. scales, bit/offset tables, permutations)",
+        f"size         {s.size_bytes / mb:.2f} MB on disk vs {s.original_size_bytes / mb:.2f} MB "
+        f"unquantized ({s.act_dtype}): {s.original_size_bytes / s.size_bytes:.2f}x smaller",
+        "bit-widths per layer type (share of its weights):",
+    ]
+    bits = sorted({b for h in s.histogram.values() for b in h})
+    lines.append("  " + "type".ljust(12) + "".join(f"{b}-bit".rjust(8) for b in bits)
+                 + "avg".rjust(8))
+    for layer_type, h in s.histogram.items():
+        total = sum(h.values())
+        shares = "".join(f"{100 * h.get(b, 0) / total:7.1f}%" for b in bits)
+        avg = sum(b * n for b, n in h.items()) / total
+        lines.append("  " + layer_type.ljust(12) + shares + f"{avg:8.3f}")
+    return "\n".join(lines)
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def plot_block_bits(summary: CheckpointSummary, out_png: str | os.PathLike) -> Path:
+    """Heatmap of every linear's block bit-widths: one column per layer type, layers stacked.
+
+    Blocks are drawn at their true extent (ragged edges included), x = reordered input index,
+    y = reordered output row, layers top to bottom; thin white lines separate layers.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    by_type: dict[str, list[LinearBits]] = defaultdict(list)  # types in checkpoint order
+    for lb in summary.linears:
+        by_type[lb.layer_type].append(lb)
+    for items in by_type.values():
+        items.sort(key=lambda lb: _natural_key(lb.name))
+    choices = sorted(set(summary.bit_choices))
+    cmap = ListedColormap(plt.get_cmap("viridis")(torch.linspace(0, 1, len(choices)).numpy()))
+    norm = BoundaryNorm([b - 0.5 for b in choices] + [choices[-1] + 0.5], len(choices))
+    fig, axes = plt.subplots(1, len(by_type), figsize=(2.4 * len(by_type) + 1.5, 9),
+                             squeeze=False)
+    for ax, (layer_type, items) in zip(axes[0], by_type.items()):
+        mesh = _draw_type(ax, items, cmap, norm)
+        ax.set_title(layer_type, fontsize=10)
+        ax.set_xlabel("input (reordered)", fontsize=8)
+    axes[0][0].set_ylabel("layer (rows reordered within each)", fontsize=8)
+    cbar = fig.colorbar(mesh, ax=axes[0].tolist(), ticks=choices, fraction=0.02, pad=0.02)
+    cbar.set_label("bits")
+    fig.suptitle(f"SFMP block bit-widths: {summary.path.name}  (avg {summary.avg_bits:.3f} bits,"
+                 f" {summary.bits_per_weight:.3f} BPW)", fontsize=11)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _draw_type(ax, items: list[LinearBits], cmap, norm):
+    """Stack the linears of one type vertically; returns the last mesh (for the colorbar)."""
+    y0, ticks, labels, mesh = 0, [], [], None
+    for lb in items:
+        geo = lb.geometry
+        xs = torch.cat([torch.zeros(1, dtype=torch.int64), geo.cols().cumsum(0)]).numpy()
+        ys = y0 + torch.cat([torch.zeros(1, dtype=torch.int64), geo.rows().cumsum(0)]).numpy()
+        mesh = ax.pcolormesh(xs, ys, lb.block_bits.numpy(), cmap=cmap, norm=norm)
+        ax.axhline(y0, color="white", linewidth=0.8)
+        ticks.append(y0 + geo.out_features / 2)
+        labels.append(re.findall(r"\d+", lb.name)[0] if re.search(r"\d", lb.name) else lb.name)
+        y0 += geo.out_features
+    step = max(1, len(items) // 15)  # at most ~15 labels per column stay readable
+    ax.set_yticks(ticks[::step], labels[::step], fontsize=7)
+    ax.set_ylim(y0, 0)  # first layer on top
+    ax.tick_params(axis="x", labelsize=7)
+    return mesh
