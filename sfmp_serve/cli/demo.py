@@ -1,7 +1,8 @@
 """`sfmp demo`: the whole path on a real model, one step after another.
 
 import (GGUF -> bf16 HF directory, reused if present) -> quantize (SFMP pipeline) -> inspect
--> greedy generation from the bf16 and the quantized model. Steps are plain functions over one
+-> greedy generation from the bf16 and the quantized model -> serve the checkpoint with vLLM
+and answer one completion request. Steps are plain functions over one
 shared DemoState in the list STEPS, so a new step (e.g. serving) is one more function.
 """
 
@@ -12,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from sfmp_serve.errors import SFMPError
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -85,11 +88,71 @@ def step_generate(state: DemoState) -> None:
         print(f"{label:>10}: {state.prompt + text!r}")
 
 
+SERVE_START_TIMEOUT_S = 600  # vLLM's CPU start-up (torch.compile warm-up) takes minutes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(proc, url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SFMPError(f"sfmp serve exited with status {proc.returncode} during start-up "
+                            "(its log is above)")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
+                return
+        except OSError:
+            time.sleep(2)
+    raise SFMPError(f"sfmp serve did not become healthy within {timeout:.0f} s")
+
+
+def step_serve(state: DemoState) -> None:
+    """Serve the checkpoint with vLLM (`sfmp serve`) and answer one completion request."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "sfmp_serve.cli.main", "serve", str(state.ckpt_dir),
+               "--port", str(port), "--max-model-len", "1024",
+               "--kv-cache-memory-bytes", str(1 << 30)]
+    print(f"starting {' '.join(command[2:])}")
+    proc = subprocess.Popen(command)
+    try:
+        _wait_healthy(proc, url, SERVE_START_TIMEOUT_S)
+        body = json.dumps({"model": str(state.ckpt_dir), "prompt": state.prompt,
+                           "max_tokens": state.max_new_tokens, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            text = json.loads(response.read())["choices"][0]["text"]
+        state.results["completion:served"] = text
+        print(f"{'served':>10}: {state.prompt + text!r}  (POST {url}/v1/completions)")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 STEPS: list[tuple[str, Callable[[DemoState], None]]] = [
     ("import", step_import),
     ("quantize", step_quantize),
     ("inspect", step_inspect),
     ("generate", step_generate),
+    ("serve", step_serve),
 ]
 
 
@@ -106,14 +169,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=12, help="tokens to generate")
     p.add_argument("--nsamples", type=int, help="calibration sequences (pipeline default)")
     p.add_argument("--seqlen", type=int, help="calibration tokens per sequence")
+    p.add_argument("--no-serve", action="store_true",
+                   help="stop after generation (skip serving with vLLM)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     state = DemoState(Path(args.work), args.bits, args.prompt, args.max_new_tokens, args.gguf,
                       args.nsamples, args.seqlen)
-    for i, (name, step) in enumerate(STEPS, 1):
-        print(f"== [{i}/{len(STEPS)}] {name}")
+    steps = [(n, f) for n, f in STEPS if not (args.no_serve and n == "serve")]
+    for i, (name, step) in enumerate(steps, 1):
+        print(f"== [{i}/{len(steps)}] {name}")
         start = time.perf_counter()
         step(state)
         print(f"   ({time.perf_counter() - start:.1f} s)")
