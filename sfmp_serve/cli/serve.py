@@ -1,0 +1,109 @@
+"""`sfmp serve CKPT [--host H] [--port P] [vLLM options...]`: vLLM's OpenAI server for SFMP.
+
+Validates the checkpoint first (a clean one-line error instead of a stack trace from deep in
+vLLM's start-up), sets PROMETHEUS_MULTIPROC_DIR to a fresh empty directory unless the caller set
+one (the SFMP op runs in vLLM's engine-core process; only multiprocess mode brings its metrics to
+the server's /metrics, next to vLLM's own), then replaces itself with
+`python -m vllm.entrypoints.openai.api_server --model CKPT --quantization sfmp ...`.
+Options it does not know go to vLLM unchanged, e.g. --max-model-len 2048 --dtype bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from sfmp_serve.errors import SFMPError
+
+logger = logging.getLogger(__name__)
+
+VLLM_SERVER = "vllm.entrypoints.openai.api_server"
+# vLLM options this command sets itself.
+_OWN_OPTIONS = ("--model", "--quantization", "-q")
+_TP_OPTIONS = ("--tensor-parallel-size", "-tp")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve an SFMP checkpoint with vLLM's OpenAI-compatible server",
+        usage="sfmp serve CKPT [--host HOST] [--port PORT] [vLLM options ...]",
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other option is passed to vLLM's OpenAI server unchanged.")
+    parser.add_argument("checkpoint", help="SFMP checkpoint directory (from `sfmp quantize`)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="listen port (default: %(default)s)")
+    # argparse would stop at the first unknown option; collect everything after CKPT instead
+    # and take --host/--port out of it again in `split_args`.
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run)
+
+
+def split_args(args: argparse.Namespace) -> tuple[str, int, list[str]]:
+    """(host, port, options for vLLM), whatever the order on the command line."""
+    inner = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    inner.add_argument("--host", default=args.host)
+    inner.add_argument("--port", type=int, default=args.port)
+    try:
+        known, rest = inner.parse_known_args(args.vllm_args)
+    except SystemExit as e:  # argparse already printed why
+        raise SFMPError("invalid --host/--port") from e
+    for i, arg in enumerate(rest):
+        name, _, inline = arg.partition("=")
+        if name in _OWN_OPTIONS:
+            raise SFMPError(f"option {name}: `sfmp serve` sets it (the model is the CKPT "
+                            "argument, the quantization is sfmp)")
+        if name in _TP_OPTIONS:
+            value = inline or (rest[i + 1] if i + 1 < len(rest) else "")
+            if value != "1":
+                raise SFMPError(f"option {name} {value}: SFMP serving supports tensor parallel "
+                                "size 1 only; run one replica per GPU instead")
+    return known.host, known.port, rest
+
+
+def check_checkpoint(path: str) -> None:
+    """Fully validate the checkpoint and its architecture before vLLM starts."""
+    from sfmp_serve.arch import arch_for
+    from sfmp_serve.format import load_checkpoint
+
+    if not Path(path).is_dir():
+        raise SFMPError(f"{path}: checkpoint directory not found")
+    ckpt = load_checkpoint(path)
+    arch_for(ckpt.hf_config.get("model_type", "<missing model_type>"))
+    logger.info("%s: %d SFMP layers, %.3f average bits, %.3f bits per weight", path,
+                len(ckpt.config.quantized_modules), ckpt.config.avg_bits,
+                ckpt.config.bits_per_weight)
+
+
+def metrics_dir(env: dict[str, str]) -> str:
+    """PROMETHEUS_MULTIPROC_DIR: the caller's (created if missing) or a fresh temp dir."""
+    given = env.get("PROMETHEUS_MULTIPROC_DIR")
+    if not given:
+        return tempfile.mkdtemp(prefix="sfmp-prometheus-")
+    Path(given).mkdir(parents=True, exist_ok=True)
+    if any(Path(given).iterdir()):
+        logger.warning("PROMETHEUS_MULTIPROC_DIR=%s is not empty: metrics of earlier runs "
+                       "will be mixed in", given)
+    return given
+
+
+def vllm_command(checkpoint: str, host: str, port: int, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", VLLM_SERVER, "--model", checkpoint, "--quantization", "sfmp",
+            "--host", host, "--port", str(port), *extra]
+
+
+def run(args: argparse.Namespace) -> int:
+    host, port, extra = split_args(args)
+    check_checkpoint(args.checkpoint)
+    env = dict(os.environ)
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(env)
+    command = vllm_command(args.checkpoint, host, port, extra)
+    logger.info("PROMETHEUS_MULTIPROC_DIR=%s; exec %s", env["PROMETHEUS_MULTIPROC_DIR"],
+                " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, env)
+    return 0  # not reached: execve replaces this process

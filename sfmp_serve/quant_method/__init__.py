@@ -1,0 +1,1 @@
+"""vLLM integration: the "sfmp" quantization method (registered by plugin.register)."""

@@ -1,0 +1,102 @@
+"""vLLM QuantizationConfig adapter for SFMP checkpoints: parses quantization_config, picks a
+method per layer. No kernel rules here (those live in sfmp_serve/ops)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import (QuantizationConfig,
+                                                                 QuantizeMethodBase)
+
+from sfmp_serve.arch import ARCHITECTURES, ArchSpec, arch_for
+from sfmp_serve.errors import SFMPError
+from sfmp_serve.format import QUANT_METHOD, SFMPConfig
+
+logger = logging.getLogger(__name__)
+
+Shard = tuple[str, "str | int | None"]  # (checkpoint name of the linear, vLLM shard id)
+
+
+def _tensor_parallel_size() -> int:
+    from vllm.distributed import get_tensor_model_parallel_world_size
+    try:
+        return get_tensor_model_parallel_world_size()
+    except AssertionError:  # no parallel state (unit tests, offline tools): one rank
+        return 1
+
+
+class SFMPQuantConfig(QuantizationConfig):
+    """The "sfmp" method: every linear in `quantized_modules` is served by SFMPLinearMethod."""
+
+    def __init__(self, config: SFMPConfig) -> None:
+        super().__init__()
+        self.sfmp = config
+        self.modules = frozenset(config.quantized_modules)
+        self.arch: ArchSpec | None = None  # known once vLLM passes the HF config
+
+    def __repr__(self) -> str:
+        return (f"SFMPQuantConfig(avg_bits={self.sfmp.avg_bits}, "
+                f"bits_per_weight={self.sfmp.bits_per_weight}, group_size={self.sfmp.group_size}, "
+                f"block_rows={self.sfmp.block_rows}, layers={len(self.modules)})")
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # the CUDA kernels target sm_80+; not consulted on the CPU
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # quantization_config lives in config.json
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SFMPQuantConfig":
+        return cls(SFMPConfig.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config: Any = None,
+                            revision: str | None = None) -> None:
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type is not None:
+            self.arch = arch_for(model_type)
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+        # Models whose vLLM module names differ from the checkpoint's rename them here.
+        self.modules = frozenset(hf_to_vllm_mapper.apply_list(sorted(self.modules)))
+
+    def shards_of(self, prefix: str) -> list[Shard]:
+        """Checkpoint linears behind a vLLM layer: the arch table's fused shards, or itself."""
+        for spec in (self.arch,) if self.arch is not None else ARCHITECTURES:
+            for fused, shards in spec.fused.items():
+                if prefix == fused or prefix.endswith("." + fused):
+                    base = prefix[: len(prefix) - len(fused)]
+                    return [(base + name, shard_id) for name, shard_id in shards]
+        return [(prefix, None)]
+
+    def get_quant_method(self, layer: torch.nn.Module,
+                         prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, (tied) lm_head, attention: unquantized defaults
+        shards = self.shards_of(prefix)
+        quantized = [name in self.modules for name, _ in shards]
+        if not any(quantized):
+            return UnquantizedLinearMethod()
+        if not all(quantized):
+            names = [n for n, _ in shards]
+            missing = [n for n, q in zip(names, quantized) if not q]
+            raise SFMPError(f"layer {prefix}: vLLM fuses {names} into one layer, but "
+                            f"{missing} are not in quantization_config.quantized_modules; "
+                            "quantize all or none of them")
+        tp = _tensor_parallel_size()
+        if tp > 1:
+            raise SFMPError(f"layer {prefix}: SFMP serving supports tensor parallel size 1 "
+                            f"only (got {tp}); run one replica per GPU instead")
+        from sfmp_serve.quant_method.linear_method import SFMPLinearMethod
+        return SFMPLinearMethod(self.sfmp, prefix, shards)

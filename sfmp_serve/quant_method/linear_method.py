@@ -1,0 +1,104 @@
+"""SFMPLinearMethod: loads one vLLM linear layer's SFMP shards and calls the sfmp::linear op.
+
+Lifecycle (vLLM's):
+1. create_weights: empty placeholder parameters named like the checkpoint tensors, with a
+   weight_loader that keeps each shard's tensors as they arrive (shard ids "q"/"k"/"v" or 0/1
+   for fused layers, in any order; None for unfused ones).
+2. process_weights_after_loading: every shard is validated against the model's [out, in]
+   (a FormatError names layer and tensor and fails start-up), then ops.api builds the runtime
+   layout ONCE (one input gather for the fused layer, one composed output gather, the
+   backend's tables). The loaded tensors are dropped; the weights stay packed.
+3. apply: one opaque custom-op call (+ bias). Nothing is derived per forward here, and no
+   Python branch depends on the batch: vLLM's torch.compile would freeze it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+
+from sfmp_serve import metrics
+from sfmp_serve.errors import FormatError, SFMPError
+from sfmp_serve.format import PackedLinear, SFMPConfig, TENSOR_SUFFIXES
+from sfmp_serve.ops import api
+
+logger = logging.getLogger(__name__)
+
+_LOADED = "_sfmp_loaded"  # layer attribute: shard id -> {tensor suffix: tensor}
+
+
+def _placeholder_dtype(suffix: str, config: SFMPConfig) -> torch.dtype:
+    # Matching dtypes keep vLLM's loader from warning about "mismatched" placeholders.
+    if suffix in ("alpha", "beta"):
+        return config.torch_act_dtype
+    return torch.uint8 if suffix == "block_bits" else torch.int32
+
+
+class SFMPLinearMethod(LinearMethodBase):
+    """Serves one (possibly fused) linear layer from SFMP shards."""
+
+    def __init__(self, config: SFMPConfig, prefix: str,
+                 shards: list[tuple[str, str | int | None]]) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.shard_names = tuple(name for name, _ in shards)
+        self.shard_ids = tuple(shard_id for _, shard_id in shards)
+        self.shapes: list[tuple[int, int]] = []  # [out, in] per shard, from create_weights
+        self.handle: api.LayerHandle | None = None
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        if (input_size_per_partition != input_size
+                or sum(output_partition_sizes) != output_size):
+            raise SFMPError(f"layer {self.prefix}: SFMP layers cannot be split across tensor "
+                            "parallel ranks; use tensor parallel size 1")
+        if len(output_partition_sizes) != len(self.shard_names):
+            raise SFMPError(f"layer {self.prefix}: vLLM expects {len(output_partition_sizes)} "
+                            f"shards, the architecture table names {list(self.shard_names)}")
+        self.shapes = [(n, input_size) for n in output_partition_sizes]
+        setattr(layer, _LOADED, {})
+        for suffix in TENSOR_SUFFIXES:
+            param = torch.nn.Parameter(
+                torch.empty(0, dtype=_placeholder_dtype(suffix, self.config)),
+                requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": functools.partial(self._load, layer,
+                                                                         suffix)})
+            layer.register_parameter(suffix, param)
+
+    def _load(self, layer: torch.nn.Module, suffix: str, param: torch.nn.Parameter,
+              loaded_weight: torch.Tensor, shard_id: str | int | None = None) -> None:
+        if shard_id not in self.shard_ids:
+            raise FormatError(f"layer {self.prefix}: tensor {suffix} arrived with shard id "
+                              f"{shard_id!r}, expected one of {list(self.shard_ids)}")
+        getattr(layer, _LOADED).setdefault(shard_id, {})[suffix] = loaded_weight
+
+    def _packed_shards(self, layer: torch.nn.Module) -> tuple[PackedLinear, ...]:
+        loaded = getattr(layer, _LOADED)
+        shards = []
+        for name, shard_id, shape in zip(self.shard_names, self.shard_ids, self.shapes):
+            tensors = {f"{name}.{k}": v for k, v in loaded.get(shard_id, {}).items()}
+            packed = PackedLinear.from_tensors(name, tensors)  # names missing tensors
+            packed.validate(name, self.config, shape)
+            shards.append(packed)
+        return tuple(shards)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        device = layer.qweight.device
+        shards = tuple(PackedLinear(**{k: getattr(p, k).to(device) for k in TENSOR_SUFFIXES})
+                       for p in self._packed_shards(layer))
+        self.handle = api.prepare_layer(self.prefix, self.shard_names, shards, self.config,
+                                        layer.params_dtype, device)
+        delattr(layer, _LOADED)  # the runtime state owns what it needs; drop the raw tensors
+        metrics.set_model_info(self.config.avg_bits, self.config.bits_per_weight)
+        logger.debug("SFMP layer %s: %s backend, %d resident bytes", self.prefix,
+                     self.handle.backend, self.handle.nbytes)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.ops.sfmp.linear(x, self.prefix, sum(n for n, _ in self.shapes))
+        return y if bias is None else y + bias

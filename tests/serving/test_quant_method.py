@@ -1,0 +1,144 @@
+"""The vLLM adapter without a server: registration, per-layer method choice, shard loading,
+validation at load, and the op call in apply()."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sfmp_serve.errors import FormatError, SFMPError
+from sfmp_serve.format import TENSOR_SUFFIXES
+from sfmp_serve.ops.reference import sfmp_linear_reference
+from tests.serving.packed import random_packed, sfmp_config
+
+pytest.importorskip("vllm")
+# The adapter imports vLLM: only after the skip check.
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod  # noqa: E402
+
+from sfmp_serve.quant_method import config as config_module  # noqa: E402
+from sfmp_serve.quant_method.config import SFMPQuantConfig  # noqa: E402
+from sfmp_serve.quant_method.linear_method import SFMPLinearMethod  # noqa: E402
+from sfmp_serve.quant_method.plugin import register  # noqa: E402
+
+ATTN = "model.layers.0.self_attn"
+QKV = (f"{ATTN}.q_proj", f"{ATTN}.k_proj", f"{ATTN}.v_proj")
+
+
+class FakeLinear(LinearBase):
+    """A LinearBase without vLLM's distributed set-up: only what the method touches."""
+
+    def __init__(self, params_dtype: torch.dtype = torch.float32) -> None:
+        torch.nn.Module.__init__(self)
+        self.params_dtype = params_dtype
+
+
+def _quant_config(modules=QKV) -> SFMPQuantConfig:
+    return SFMPQuantConfig.from_config(sfmp_config(modules).to_dict())
+
+
+def test_register_is_idempotent_and_detectable():
+    from vllm.model_executor.layers.quantization import (QUANTIZATION_METHODS,
+                                                         get_quantization_config)
+    register()
+    register()
+    assert QUANTIZATION_METHODS.count("sfmp") == 1
+    assert get_quantization_config("sfmp") is SFMPQuantConfig
+
+
+def test_from_config_validates_through_the_format():
+    data = sfmp_config(QKV).to_dict()
+    with pytest.raises(FormatError, match=r"unknown key\(s\) \['bitz'\]"):
+        SFMPQuantConfig.from_config({**data, "bitz": 3})
+    assert torch.float32 in _quant_config().get_supported_act_dtypes()
+
+
+def test_fused_prefix_maps_to_shards_in_vllm_order():
+    cfg = _quant_config()
+    assert cfg.shards_of(f"{ATTN}.qkv_proj") == [(QKV[0], "q"), (QKV[1], "k"), (QKV[2], "v")]
+    assert cfg.shards_of("model.layers.3.mlp.gate_up_proj") == [
+        ("model.layers.3.mlp.gate_proj", 0), ("model.layers.3.mlp.up_proj", 1)]
+    assert cfg.shards_of("model.layers.3.mlp.down_proj") == [("model.layers.3.mlp.down_proj",
+                                                               None)]
+
+
+def test_method_choice_per_layer(monkeypatch):
+    cfg = _quant_config(QKV + ("model.layers.0.mlp.gate_proj",))
+    assert isinstance(cfg.get_quant_method(FakeLinear(), f"{ATTN}.qkv_proj"), SFMPLinearMethod)
+    assert isinstance(cfg.get_quant_method(FakeLinear(), f"{ATTN}.o_proj"),
+                      UnquantizedLinearMethod)
+    assert cfg.get_quant_method(torch.nn.Embedding(4, 4), "model.embed_tokens") is None
+    with pytest.raises(SFMPError, match=r"layer model.layers.0.mlp.gate_up_proj: .*"
+                                        r"\['model.layers.0.mlp.up_proj'\] are not in"):
+        cfg.get_quant_method(FakeLinear(), "model.layers.0.mlp.gate_up_proj")
+    monkeypatch.setattr(config_module, "_tensor_parallel_size", lambda: 2)
+    with pytest.raises(SFMPError, match="tensor parallel size 1 only"):
+        cfg.get_quant_method(FakeLinear(), f"{ATTN}.qkv_proj")
+
+
+def _loaded_layer(shards, order, edit=None):
+    """A FakeLinear whose qkv shards arrived through the weight loaders in `order`."""
+    cfg = _quant_config()
+    method = cfg.get_quant_method(FakeLinear(), f"{ATTN}.qkv_proj")
+    layer = FakeLinear()
+    method.create_weights(layer, 64, [s.out_features for s in shards], 64,
+                          sum(s.out_features for s in shards), torch.float32)
+    items = [(shard_id, suffix, getattr(shards[i], suffix))
+             for i, shard_id in enumerate("qkv") for suffix in TENSOR_SUFFIXES]
+    random.Random(order).shuffle(items)
+    for shard_id, suffix, tensor in items:
+        if edit is not None:
+            tensor = edit(shard_id, suffix, tensor)
+        if tensor is not None:
+            param = getattr(layer, suffix)
+            param.weight_loader(param, tensor, shard_id)
+    return method, layer
+
+
+@pytest.fixture(scope="module")
+def qkv_shards():
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(64, generator=gen)
+    return [random_packed(n, 64, sfmp_config(QKV), gen, perm) for n in (64, 32, 32)]
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_shards_in_any_order_then_one_fused_op(qkv_shards, order):
+    method, layer = _loaded_layer(qkv_shards, order)
+    method.process_weights_after_loading(layer)
+    assert not hasattr(layer, "_sfmp_loaded")  # raw tensors dropped after the one-time build
+    x, bias = torch.randn(5, 64), torch.randn(128)
+    ref = torch.cat([sfmp_linear_reference(x, s, sfmp_config(QKV), "dequant")
+                     for s in qkv_shards], -1) + bias
+    torch.testing.assert_close(method.apply(layer, x, bias), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_corrupted_or_missing_tensor_names_layer_and_tensor(qkv_shards):
+    def nan_alpha(shard_id, suffix, t):
+        return t.index_fill(0, torch.tensor([0]), float("nan")) if (shard_id, suffix) == (
+            "k", "alpha") else t
+    method, layer = _loaded_layer(qkv_shards, 0, nan_alpha)
+    with pytest.raises(FormatError, match=rf"layer {QKV[1]}: tensor {QKV[1]}.alpha: .*NaN"):
+        method.process_weights_after_loading(layer)
+
+    def drop_perm(shard_id, suffix, t):
+        return None if (shard_id, suffix) == ("v", "output_perm") else t
+    method, layer = _loaded_layer(qkv_shards, 0, drop_perm)
+    with pytest.raises(FormatError, match=rf"layer {QKV[2]}: missing .*{QKV[2]}.output_perm"):
+        method.process_weights_after_loading(layer)
+
+
+def test_wrong_shape_or_shard_id_is_rejected(qkv_shards):
+    cfg = _quant_config()
+    method = cfg.get_quant_method(FakeLinear(), f"{ATTN}.qkv_proj")
+    layer = FakeLinear()
+    method.create_weights(layer, 64, [64, 32, 40], 64, 136, torch.float32)
+    with pytest.raises(FormatError, match="expected one of"):
+        layer.qweight.weight_loader(layer.qweight, qkv_shards[0].qweight, 7)
+    for i, shard_id in enumerate("qkv"):
+        for suffix in TENSOR_SUFFIXES:
+            getattr(layer, suffix).weight_loader(getattr(layer, suffix),
+                                                 getattr(qkv_shards[i], suffix), shard_id)
+    with pytest.raises(FormatError, match=r"\[32, 64\] in the checkpoint but \[40, 64\]"):
+        method.process_weights_after_loading(layer)
