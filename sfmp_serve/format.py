@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -20,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sfmp_serve.atomic_dir import atomic_directory
 from sfmp_serve.errors import FormatError, SFMPError
 
 QUANT_METHOD = "sfmp"
@@ -346,12 +346,7 @@ def write_checkpoint(out_dir: str | os.PathLike, hf_config: Mapping[str, Any],
 
     A crash or an exception leaves no partial output directory behind.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise SFMPError(f"{out}: output directory exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out_dir, overwrite) as tmp:
         cfg = dict(hf_config)
         cfg["quantization_config"] = config.to_dict()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -359,21 +354,5 @@ def write_checkpoint(out_dir: str | os.PathLike, hf_config: Mapping[str, Any],
                   metadata={"format": "pt", "sfmp_format_version": str(FORMAT_VERSION)})
         for f in copy_files:
             shutil.copy2(f, tmp / Path(f).name)
-        _apply_umask(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
-
-def _apply_umask(directory: Path) -> None:
-    """mkdtemp creates 0700: give the finished checkpoint the permissions a plain mkdir would,
-    so a server running as another user (or in a container) can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)

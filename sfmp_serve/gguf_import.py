@@ -11,12 +11,11 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from sfmp_serve.atomic_dir import atomic_directory
 from sfmp_serve.errors import SFMPError
 
 log = logging.getLogger(__name__)
@@ -79,13 +78,6 @@ def _write_model(gguf: Path, out: Path, dtype: torch.dtype) -> None:
                      pad_token_id=config.pad_token_id).save_pretrained(out)
 
 
-def _chmod_like_umask(path: Path) -> None:
-    # mkdtemp creates 0700; the result is a shared model directory, so honour the umask instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
-
-
 def import_gguf(gguf_file: str | os.PathLike | None, out_dir: str | os.PathLike,
                 overwrite: bool = False, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Convert a GGUF file (default: SmolLM2-135M-Instruct) to an HF directory, atomically.
@@ -95,19 +87,7 @@ def import_gguf(gguf_file: str | os.PathLike | None, out_dir: str | os.PathLike,
     """
     gguf = Path(gguf_file) if gguf_file is not None else default_gguf_file()
     _check_gguf(gguf)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise SFMPError(f"{out}: output directory exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    _chmod_like_umask(tmp)
-    try:
-        log.info("importing %s -> %s (%s)", gguf, out, dtype)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        log.info("importing %s -> %s (%s)", gguf, out_dir, dtype)
         _write_model(gguf, tmp, dtype)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
