@@ -59,7 +59,11 @@ def main() -> int:
                         str(args.seqlen), "--max-tokens", str(args.max_tokens), "--json")["ppl"]
 
     rows = [{"name": "bf16", "ppl": ppl(args.model), "bpw": 16.0}]
-    runs = [(f"SFMP rtn {b}", QuantizeOptions(bits=b, budget_gb=None)) for b in SFMP_BITS]
+    # The SFMP runs share one calibration and Fisher pass (--salience-cache): the first run's
+    # stage times include them, the others load the stored salience.
+    cache = str(args.work / "fisher.safetensors")
+    runs = [(f"SFMP rtn {b}", QuantizeOptions(bits=b, budget_gb=None, salience_cache=cache))
+            for b in SFMP_BITS]
     runs += [(f"uniform rtn {b}-bit g{g}",
               QuantizeOptions(bits=b, budget_gb=None, group_size=g, uniform=True))
              for b, g in UNIFORM]

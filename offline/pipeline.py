@@ -30,7 +30,7 @@ from offline.quantizers.base import LinearContext, QuantizedCodes, Quantizer
 from offline.quantizers.gptq import GPTQQuantizer
 from offline.quantizers.rtn import RTNQuantizer
 from offline.reorder import Order, identity_order, salience_orders
-from offline.salience import fisher_diagonal, resolve_device
+from offline.salience import fisher_diagonal, load_salience, resolve_device, save_salience
 from offline.sequential import make_plans, quantize_sequential
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import MAX_BITS, LayerGeometry, PackedLinear, SFMPConfig
@@ -60,6 +60,9 @@ class QuantizeOptions:
     seed: int = 0
     device: str = "cpu"
     uniform: bool = False  # baseline: no salience, identity orders, one integer bit-width
+    # Fisher diagonal file: reused when it exists (and matches model and calibration), written
+    # otherwise, so quantizing one model to several bit-widths computes the salience once.
+    salience_cache: str | None = None
 
     def validate(self) -> None:
         """Every check that needs no model, so bad flags fail before minutes of work."""
@@ -278,13 +281,27 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
                 loaded.model.to("cpu")
         return tokens, orders, {n: torch.zeros(g.n_block_rows, g.n_groups)
                                 for n, g in geos.items()}
-    loaded.model.to(device)
-    try:
-        tokens = _calibration(loaded, options, timer, device)
+    cache = Path(options.salience_cache) if options.salience_cache else None
+    cache_key = {"model": str(Path(loaded.path).resolve()),
+                 **CalibrationSpec(options.calib, options.nsamples, options.seqlen,
+                                   options.seed).describe()}
+    if cache is not None and cache.exists():
         with timer("salience"):
-            salience = fisher_diagonal(loaded.model, loaded.linears, tokens, device)
-    finally:
-        loaded.model.to("cpu")
+            salience = load_salience(cache, cache_key, loaded.linears)
+        # A calibrated method still needs the tokens, which are cheap next to the salience.
+        tokens = None
+        if options.method in CALIBRATED_METHODS:
+            tokens = _calibration(loaded, options, timer, device)
+    else:
+        loaded.model.to(device)
+        try:
+            tokens = _calibration(loaded, options, timer, device)
+            with timer("salience"):
+                salience = fisher_diagonal(loaded.model, loaded.linears, tokens, device)
+        finally:
+            loaded.model.to("cpu")
+        if cache is not None:
+            save_salience(cache, salience, cache_key)
     with timer("reorder"):
         orders = salience_orders(salience, loaded.input_groups)
         importance = {n: alloc.block_sums(orders[n].apply(s), geos[n])

@@ -8,11 +8,16 @@ bf16 gradients are too coarse to rank weights.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -25,7 +30,7 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise SFMPError(f"--device={device!r}: expected 'cpu' or 'cuda'")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SFMPError("--device=cuda: no CUDA device is available")
+        raise SFMPError("--device=cuda: no CUDA device is available (use --device cpu)")
     return torch.device(device)
 
 
@@ -72,3 +77,32 @@ def fisher_diagonal(model: nn.Module, linears: dict[str, nn.Linear], tokens: tor
     log.info("salience: Fisher diagonal of %d linears over %d sequences", len(out),
              tokens.shape[0])
     return out
+
+
+def save_salience(path: str | Path, salience: dict[str, torch.Tensor],
+                  key: dict[str, object]) -> None:
+    """Store a Fisher diagonal with what it was computed from (model, calibration)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in salience.items()}, str(tmp),
+              metadata={"sfmp_salience_key": json.dumps(key, sort_keys=True)})
+    os.replace(tmp, path)
+    log.info("salience: saved to %s", path)
+
+
+def load_salience(path: str | Path, key: dict[str, object],
+                  linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """A cached Fisher diagonal; an error if it was computed from anything else."""
+    with safe_open(str(path), framework="pt") as handle:
+        stored = json.loads((handle.metadata() or {}).get("sfmp_salience_key", "null"))
+        if stored != json.loads(json.dumps(key, sort_keys=True)):
+            raise SFMPError(f"--salience-cache {path}: computed from {stored}, not from "
+                            f"{key}; delete it or pass another file")
+        salience = {name: handle.get_tensor(name) for name in handle.keys()}
+    for name, lin in linears.items():
+        if name not in salience or tuple(salience[name].shape) != tuple(lin.weight.shape):
+            raise SFMPError(f"--salience-cache {path}: no salience of shape "
+                            f"{tuple(lin.weight.shape)} for {name}")
+    log.info("salience: loaded from %s", path)
+    return salience

@@ -62,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
                    help="tokens per calibration sequence (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="calibration seed (default %(default)s)")
+    p.add_argument("--salience-cache", metavar="FILE", default=None,
+                   help="reuse the Fisher salience stored in FILE if it exists (it must match "
+                        "the model and calibration), else compute and store it there: "
+                        "quantizing to several bit-widths then pays for salience once")
     p.add_argument("--method", default="rtn", help="quantizer: rtn (round to nearest), awq "
                    "(activation-aware scales + clipping) or gptq (Hessian error feedback); "
                    "awq/gptq run layer by layer on the calibration data (default %(default)s)")
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         bit_choices=parse_bit_choices(args.bit_choices) if args.bit_choices else None,
         group_size=args.group_size, block_rows=args.block_rows, method=args.method,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        device=args.device, uniform=args.uniform)
+        device=args.device, uniform=args.uniform,
+        salience_cache=args.salience_cache)
     result = quantize_model(model_dir, options)
     save_result(result, model_dir, out, overwrite=args.overwrite)
     _print_summary(result, out)

@@ -1,0 +1,69 @@
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runs_for_the_reference_bpw_targets(quality):
+    runs = quality.plan_runs([2.5, 3.0, 3.5, 4.0], ["rtn", "gptq"], overhead=0.25)
+    sfmp = sorted({r.bits for r in runs if r.family == "sfmp"})
+    uniform = sorted({r.bits for r in runs if r.family == "uniform"})
+    assert sfmp == [2.25, 2.75, 3.25, 3.75]  # BPW minus the overhead
+    assert uniform == [2.0, 3.0, 4.0]  # nearest integer bits; 3.0 and 3.5 share 3 bits
+    assert len(runs) == 2 * (4 + 3)
+
+
+def test_overhead_is_what_a_checkpoint_stores_beyond_its_codes(quality, tiny_llama, tmp_path):
+    from sfmp_serve.cli.main import main
+    from sfmp_serve.format import load_checkpoint
+
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(tiny_llama), "--bits", "3", "--uniform", "--group-size", "32",
+                 "--block-rows", "16", "--out", str(out)]) == 0
+    config = load_checkpoint(out).config
+    overhead, slope = quality.storage_line(str(tiny_llama), 32, 16)
+    assert slope > 1  # 200-wide inputs: the last group of 8 is padded to a 32-bit word
+    assert overhead + 3 * slope == pytest.approx(config.bits_per_weight, abs=1e-5)
+
+
+def test_heldout_text_ships_with_an_installed_package(quality):
+    path = quality.default_heldout_text()
+    assert path.stat().st_size > 100_000 and "OPTICKS" in path.read_text()[:2000]
+
+
+def test_quality_table_and_plot_on_a_tiny_model(quality, tiny_llama, tmp_path):
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(["The capital of France is Paris, and the capital of Italy is "
+                              "Rome."] * 40))
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_llama), "--out", str(out), "--work", str(tmp_path / "work"),
+            "--text", str(text), "--bpw", "5.5", "--methods", "rtn,gptq", "--group-size", "32",
+            "--block-rows", "16", "--nsamples", "4", "--calib-seqlen", "64",
+            "--eval-seqlen", "64", "--max-tokens", "256"]
+    assert quality.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = quality.plan_runs([5.5], ["rtn", "gptq"],
+                             *quality.storage_line(str(tiny_llama), 32, 16))
+    assert {r.label for r in runs} | {"baseline", "meta"} == set(results)
+    for run in runs:
+        record = results[run.label]
+        assert record["ppl"] > 1 and record["quant_seconds"] >= 0
+        assert abs(record["avg_bits"] - run.bits) <= 0.01
+        assert abs(record["bpw"] - 5.5) < 0.5  # the nearest configuration to the target
+    table = (out / "quality.md").read_text()
+    assert table.count("\n| ") == 1 + 1 + 4  # header row, baseline, four runs
+    assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert not any((tmp_path / "work").glob("*"))  # checkpoints removed
