@@ -132,7 +132,9 @@ def quantize(run: Run, args: argparse.Namespace, out: Path) -> dict:
     options = QuantizeOptions(bits=run.bits, budget_gb=None, group_size=args.group_size,
                               block_rows=args.block_rows, method=run.method,
                               uniform=run.family == "uniform", nsamples=args.nsamples,
-                              seqlen=args.calib_seqlen, device=args.device)
+                              seqlen=args.calib_seqlen, device=args.device,
+                              # one Fisher pass serves every SFMP run (same model, same data)
+                              salience_cache=str(Path(args.work) / "salience.safetensors"))
     start = time.perf_counter()
     result = quantize_model(args.model, options)
     save_result(result, args.model, out, overwrite=True)
@@ -232,7 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     floats = lambda s: [float(v) for v in s.split(",")]  # noqa: E731
     p.add_argument("--model", default="models/smollm2-bf16", help="unquantized HF directory")
     p.add_argument("--out", default="bench/results/quality", help="results directory")
-    p.add_argument("--work", default="/tmp/sfmp-quality", help="checkpoints directory")
+    p.add_argument("--work", default="/tmp/sfmp-quality",
+                   help="checkpoints and the shared salience cache")
     p.add_argument("--text", default=None, help="held-out text (default: Newton's Opticks "
                                                "from the apache-tvm-ffi package)")
     p.add_argument("--bpw", type=floats, default=[2.5, 3.0, 3.5, 4.0])

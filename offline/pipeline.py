@@ -265,6 +265,18 @@ def _calibration(loaded: LoadedModel, options: QuantizeOptions, timer: StageTime
                                   lambda: load_tokenizer(loaded.path), device)
 
 
+def _method_tokens(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
+                   device: torch.device) -> torch.Tensor | None:
+    """Calibration tokens for a calibrated method when salience needs none (uniform, cache)."""
+    if options.method not in CALIBRATED_METHODS:
+        return None
+    loaded.model.to(device)  # data-free calibration samples from the model on `device`
+    try:
+        return _calibration(loaded, options, timer, device)
+    finally:
+        loaded.model.to("cpu")
+
+
 def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
                      geos: dict[str, LayerGeometry],
                      ) -> tuple[torch.Tensor | None, dict[str, Order], dict[str, torch.Tensor]]:
@@ -272,15 +284,8 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
     device = resolve_device(options.device)
     if options.uniform:  # baseline: nothing is ranked; only a calibrated method needs data
         orders = {n: identity_order(g.out_features, g.in_features) for n, g in geos.items()}
-        tokens = None
-        if options.method in CALIBRATED_METHODS:
-            loaded.model.to(device)
-            try:
-                tokens = _calibration(loaded, options, timer, device)
-            finally:
-                loaded.model.to("cpu")
-        return tokens, orders, {n: torch.zeros(g.n_block_rows, g.n_groups)
-                                for n, g in geos.items()}
+        return _method_tokens(loaded, options, timer, device), orders, {
+            n: torch.zeros(g.n_block_rows, g.n_groups) for n, g in geos.items()}
     cache = Path(options.salience_cache) if options.salience_cache else None
     cache_key = {"model": str(Path(loaded.path).resolve()),
                  **CalibrationSpec(options.calib, options.nsamples, options.seqlen,
@@ -289,9 +294,7 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
         with timer("salience"):
             salience = load_salience(cache, cache_key, loaded.linears)
         # A calibrated method still needs the tokens, which are cheap next to the salience.
-        tokens = None
-        if options.method in CALIBRATED_METHODS:
-            tokens = _calibration(loaded, options, timer, device)
+        tokens = _method_tokens(loaded, options, timer, device)
     else:
         loaded.model.to(device)
         try:

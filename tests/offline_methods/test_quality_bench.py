@@ -66,4 +66,5 @@ def test_quality_table_and_plot_on_a_tiny_model(quality, tiny_llama, tmp_path):
     table = (out / "quality.md").read_text()
     assert table.count("\n| ") == 1 + 1 + 4  # header row, baseline, four runs
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
-    assert not any((tmp_path / "work").glob("*"))  # checkpoints removed
+    assert not [p for p in (tmp_path / "work").iterdir() if p.is_dir()]  # checkpoints removed
+    assert (tmp_path / "work" / "salience.safetensors").is_file()  # one Fisher pass, reused
