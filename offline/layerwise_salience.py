@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from offline.salience import resolve_device
 from offline.sequential import (_Batches, _layer_output, catch_layer0_inputs, decoder_layers,
-                                run_layer)
+                                materialised, run_layer)
 from offline.streaming import SafetensorsSource
 from sfmp_serve.arch import ArchSpec
 from sfmp_serve.errors import SFMPError
@@ -51,22 +51,6 @@ def _frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
-
-
-@contextmanager
-def _on(layer: nn.Module, prefix: str, device: torch.device,
-        source: SafetensorsSource | None) -> Iterator[nn.Module]:
-    """The layer materialised in float32 on device for the block, then put back (or dropped)."""
-    param = next(layer.parameters())
-    home = (param.device, param.dtype)
-    if source is not None:
-        source.load_module(layer, prefix, device, torch.float32)
-    else:
-        layer.to(device, torch.float32)
-    try:
-        yield layer
-    finally:
-        layer.to("meta") if source is not None else layer.to(*home)
 
 
 def head_gradients(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
@@ -103,13 +87,13 @@ def layerwise_fisher(model: nn.Module, spec: ArchSpec, linears: list[str],
         with torch.no_grad():
             boundary = [catch_layer0_inputs(model, layers, input_ids, 1, dev)]
             for i, layer in enumerate(tqdm(layers, desc="salience forward", unit="layer")):
-                with _on(layer, f"{spec.layers_path}.{i}", dev, source):
+                with materialised(layer, f"{spec.layers_path}.{i}", dev, source):
                     boundary.append(run_layer(layer, boundary[-1]))
         grads = head_gradients(model, spec, input_ids, boundary.pop(), dev)
         for i in tqdm(reversed(range(len(layers))), total=len(layers),
                       desc="salience backward", unit="layer"):
             prefix = f"{spec.layers_path}.{i}"
-            with _on(layers[i], prefix, dev, source) as layer:
+            with materialised(layers[i], prefix, dev, source) as layer:
                 grads = _layer_backward(layer, prefix, linears, boundary.pop(), grads, fisher)
     for name, f in fisher.items():
         if not torch.isfinite(f).all():

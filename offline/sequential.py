@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -225,26 +226,35 @@ def quantize_sequential(model: nn.Module, spec: ArchSpec, plans: Mapping[str, Li
     for i, layer in enumerate(tqdm(layers, desc=f"quantize ({getattr(quantizer, 'name', '')})",
                                    unit="layer")):
         prefix = f"{spec.layers_path}.{i}"
-        param = next(layer.parameters())
-        home = (param.device, param.dtype)
-        if source is not None:
-            source.load_module(layer, prefix, dev, torch.float32)
-        else:
-            layer.to(dev, torch.float32)
-        codes, changed = _quantize_layer(layer, prefix, spec, plans, quantizer, batches)
-        result.codes.update(codes)
-        quantized = {name[len(prefix) + 1:] + ".weight" for name in codes}
-        for name in sorted(set(changed) - quantized):
-            result.tensors[f"{prefix}.{name}"] = layer.get_parameter(name).detach().to(
-                "cpu", home[1] if source is None else source.dtype(f"{prefix}.{name}"))
-        if batches is not None:
-            batches = run_layer(layer, batches)
-        if source is not None:
-            layer.to("meta")  # drop the streamed weights: one layer in memory at a time
-        else:
-            layer.to(home[0], home[1])
+        home_dtype = next(layer.parameters()).dtype
+        with materialised(layer, prefix, dev, source):
+            codes, changed = _quantize_layer(layer, prefix, spec, plans, quantizer, batches)
+            result.codes.update(codes)
+            quantized = {name[len(prefix) + 1:] + ".weight" for name in codes}
+            for name in sorted(set(changed) - quantized):
+                result.tensors[f"{prefix}.{name}"] = layer.get_parameter(name).detach().to(
+                    "cpu", home_dtype if source is None else source.dtype(f"{prefix}.{name}"))
+            if batches is not None:
+                batches = run_layer(layer, batches)
     result.seconds = time.perf_counter() - start
     return result
+
+
+@contextmanager
+def materialised(layer: nn.Module, prefix: str, device: torch.device,
+                 source: SafetensorsSource | None) -> Iterator[nn.Module]:
+    """The layer materialised in float32 on device for the block, then put back (or dropped)."""
+    param = next(layer.parameters())
+    home = (param.device, param.dtype)
+    if source is not None:
+        source.load_module(layer, prefix, device, torch.float32)
+    else:
+        layer.to(device, torch.float32)
+    try:
+        yield layer
+    finally:
+        # Streamed weights are dropped again: one decoder layer in memory at a time.
+        layer.to("meta") if source is not None else layer.to(*home)
 
 
 def make_plans(orders: Mapping[str, Any], block_bits: Mapping[str, torch.Tensor],
