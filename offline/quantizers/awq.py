@@ -246,9 +246,7 @@ class AWQQuantizer:
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, block_bits: torch.Tensor,
                  geometry: LayerGeometry, context: LinearContext) -> QuantizedCodes:
-        if context.inputs is None:
-            raise SFMPError("method awq needs calibration inputs (run it through "
-                            "offline.sequential)")
+        context.require_inputs("awq")
         if self._cache is None or self._cache[0] is not context.inputs:
             x = context.inputs.reshape(-1, context.inputs.shape[-1])
             self._cache = (context.inputs, group_grams(x, geometry))

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry
 
 
@@ -28,6 +29,13 @@ class LinearContext:
     """What a quantizer may use besides the weight (None where the method needs nothing)."""
 
     inputs: torch.Tensor | None = None  # calibration inputs [T, K], reordered columns
+
+    def require_inputs(self, method: str) -> torch.Tensor:
+        """The calibration inputs, for methods that cannot work without them."""
+        if self.inputs is None:
+            raise SFMPError(f"method {method} needs calibration inputs (run it through "
+                            "offline.sequential)")
+        return self.inputs
 
 
 class Quantizer(Protocol):

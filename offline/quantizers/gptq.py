@@ -149,9 +149,7 @@ class GPTQQuantizer:
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, block_bits: torch.Tensor,
                  geometry: LayerGeometry, context: LinearContext) -> QuantizedCodes:
-        if context.inputs is None:
-            raise SFMPError("method gptq needs calibration inputs (run it through "
-                            "offline.sequential)")
+        context.require_inputs("gptq")
         x = context.inputs.reshape(-1, context.inputs.shape[-1])
         check_enough_tokens(x.shape[0], geometry.in_features)
         if self._cache is None or self._cache[0] is not context.inputs:
