@@ -32,7 +32,6 @@ from offline.quantizers.base import LinearContext, QuantizedCodes, row_group_bit
 from offline.quantizers.blockwise import (LinearPlan, fake_quantize, grouped, max_code,
                                           minmax_params, quantize_codes, quantize_minmax)
 from sfmp_serve.arch import ArchSpec, SmoothMapping
-from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry
 
 log = logging.getLogger(__name__)
