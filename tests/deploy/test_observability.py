@@ -113,6 +113,10 @@ def test_every_dashboard_query_returns_data(stack, bench_run):
     _wait_for(lambda: any(float(r["value"][1]) == final for r in
                           prom_query(prom, "sum(vllm:request_success_total)")),
               "Prometheus to scrape the finished load")
+    # A series first exported in that scrape (a handler/status pair, a path) needs one more
+    # sample before rate() over it has a value: give Prometheus a few more scrapes.
+    _wait_for(lambda: all(prom_query(prom, expr) for expr in dashboard_exprs()),
+              "every dashboard query to have data", timeout_s=20, allow_timeout=True)
     empty, not_finite = [], []
     for expr in dashboard_exprs():
         result = prom_query(prom, expr)
