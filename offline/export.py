@@ -17,7 +17,9 @@ from torch import nn
 
 from offline.quantizers.base import QuantizedCodes
 from offline.reorder import Order
+from offline.streaming import SafetensorsSource
 from sfmp_serve.bitplanes import bcq_scales, pack_linear
+from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import (ACT_DTYPES, WORD_BITS, LayerGeometry, PackedLinear,
                                SFMPConfig, write_checkpoint)
 
@@ -58,14 +60,21 @@ def packed_nbytes(geometry: LayerGeometry, block_bits: torch.Tensor,
 
 
 def unquantized_tensors(model: nn.Module, quantized: Mapping[str, Any],
-                        orig_dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+                        orig_dtypes: Mapping[str, torch.dtype],
+                        source: SafetensorsSource | None = None) -> dict[str, torch.Tensor]:
     """Every state-dict tensor that is not a quantized linear's weight/bias, in its original
-    dtype; a tensor shared with an earlier key (tied lm_head) is stored once."""
+    dtype; a tensor shared with an earlier key (tied lm_head) is stored once. Tensors on meta
+    (streamed decoder layers) are read from `source`."""
     skip = {f"{name}.{p}" for name in quantized for p in ("weight", "bias")}
     seen: set[int] = set()
     out = {}
     for key, tensor in model.state_dict().items():
         if key in skip:
+            continue
+        if tensor.is_meta:
+            if source is None:
+                raise SFMPError(f"tensor {key} was never loaded (on meta) and has no source")
+            out[key] = source.read([key])[key]
             continue
         ptr = tensor.data_ptr()
         if tensor.numel() and ptr in seen:

@@ -2,19 +2,23 @@
 
 The model is loaded in the dtype it was saved in (to remember every tensor's original dtype and
 the activation dtype), then converted to float32 for calibration, salience and quantization.
+`load_streamed` is the low-memory form: everything outside the decoder layers in float32, the
+layers on the meta device, read one at a time from the safetensors files when a stage needs them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from offline.streaming import SafetensorsSource, load_skeleton
 from sfmp_serve.arch import ArchSpec, arch_for
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import ACT_DTYPES, read_hf_config
@@ -34,6 +38,43 @@ class LoadedModel:
     input_groups: list[tuple[str, ...]]  # full names of linears sharing one input
     orig_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # state-dict key -> dtype
     act_dtype: torch.dtype = torch.float32
+    # Set by load_streamed: the decoder layers are on meta and are read from here per use.
+    source: SafetensorsSource | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.source is not None
+
+    def read(self, key: str) -> torch.Tensor:
+        """A state-dict tensor in its stored dtype (from the checkpoint if streamed)."""
+        if self.source is not None and key in self.source:
+            return self.source.read([key])[key]
+        tensor = self.model.get_parameter(key)
+        return tensor.detach().to(self.orig_dtypes.get(key, tensor.dtype))
+
+    @contextmanager
+    def on_device(self, device: torch.device | str) -> Iterator[nn.Module]:
+        """The model on `device` for the block, then back on the CPU. Streamed decoder layers
+        stay on meta (the stages that run them materialise one at a time)."""
+        layers = _get_submodule(self.model, self.spec.layers_path, "decoder layer list")
+        parent_path, _, attr = self.spec.layers_path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+
+        def move(target: torch.device | str) -> None:
+            if self.source is None:
+                self.model.to(target)
+                return
+            setattr(parent, attr, nn.ModuleList())  # meta tensors cannot be moved
+            try:
+                self.model.to(target)
+            finally:
+                setattr(parent, attr, layers)
+
+        move(device)
+        try:
+            yield self.model
+        finally:
+            move("cpu")
 
 
 def _causal_lm_class_names() -> set[str]:
@@ -115,6 +156,28 @@ def load_model(model_dir: str | os.PathLike) -> LoadedModel:
     model = model.float().eval()
     log.info("loaded %s: %d decoder linears, weights in %s", path, len(linears), act_dtype)
     return LoadedModel(path, hf_config, spec, model, linears, groups, orig_dtypes, act_dtype)
+
+
+def load_streamed(model_dir: str | os.PathLike) -> LoadedModel:
+    """Like load_model, but only what lives outside the decoder layers is read into memory."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise SFMPError(f"{path}: model directory does not exist")
+    hf_config = read_hf_config(path)
+    spec = check_causal_lm(path, hf_config)
+    try:
+        model, source = load_skeleton(path, spec)
+    except (OSError, ValueError, KeyError) as e:
+        raise SFMPError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from e
+    linears, groups = find_linears(model, spec)
+    orig_dtypes = {k: source.dtype(k) for k in model.state_dict() if k in source}
+    act_dtype = orig_dtypes[f"{next(iter(linears))}.weight"]
+    if act_dtype not in ACT_DTYPES.values():
+        raise SFMPError(f"{path}: weights are {act_dtype}; expected float16, bfloat16 or float32")
+    log.info("streaming %s: %d decoder linears, weights in %s, decoder layers read per use",
+             path, len(linears), act_dtype)
+    return LoadedModel(path, hf_config, spec, model, linears, groups, orig_dtypes, act_dtype,
+                       source)
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

@@ -1,7 +1,10 @@
 """The offline SFMP pipeline: wires the stages, times them, and nothing else.
 
 load -> calibration -> salience -> reorder -> allocation -> quantize -> pack -> export
-The math lives in the stage modules. Quantization methods plug in through METHODS: a factory
+The math lives in the stage modules. With `low_memory` the decoder layers are never all in
+memory: they are read one at a time from the safetensors files by layer-wise salience and the
+layer-at-a-time quantizer (data-free calibration, which samples from the whole model, is then
+not available). Quantization methods plug in through METHODS: a factory
 receives the loaded model, calibration tokens and orders, and returns a Quantizer; a quantizer
 that also implements `linear_context(name)` gets per-linear context (e.g. inputs) from it.
 """
@@ -24,7 +27,8 @@ from offline import allocation as alloc
 from offline.calibration import CalibrationSpec, calibration_tokens
 from offline.export import (act_dtype_name, bits_per_weight, nbytes, pack_codes,
                             packed_nbytes, save_checkpoint, unquantized_tensors)
-from offline.model_io import LoadedModel, load_model, load_tokenizer
+from offline.layerwise_salience import layerwise_fisher
+from offline.model_io import LoadedModel, load_model, load_streamed, load_tokenizer
 from offline.quantizers.awq import AWQQuantizer
 from offline.quantizers.base import LinearContext, QuantizedCodes, Quantizer
 from offline.quantizers.gptq import GPTQQuantizer
@@ -63,6 +67,8 @@ class QuantizeOptions:
     # Fisher diagonal file: reused when it exists (and matches model and calibration), written
     # otherwise, so quantizing one model to several bit-widths computes the salience once.
     salience_cache: str | None = None
+    # Stream decoder layers from the checkpoint: peak memory one layer plus activations.
+    low_memory: bool = False
 
     def validate(self) -> None:
         """Every check that needs no model, so bad flags fail before minutes of work."""
@@ -203,31 +209,43 @@ def quantize_linears(loaded: LoadedModel, quantizer: Quantizer, orders: dict[str
     return out
 
 
-def quantize_calibrated(loaded: LoadedModel, quantizer: Quantizer, tokens: torch.Tensor,
-                        orders: dict[str, Order], allocation: alloc.Allocation,
-                        geos: dict[str, LayerGeometry], device: str,
-                        extra: dict[str, torch.Tensor]) -> dict[str, QuantizedCodes]:
-    """Calibrated methods run one decoder layer at a time on its inputs (offline.sequential).
+def quantize_layerwise(loaded: LoadedModel, quantizer: Quantizer, tokens: torch.Tensor | None,
+                       orders: dict[str, Order], allocation: alloc.Allocation,
+                       geos: dict[str, LayerGeometry], device: str,
+                       extra: dict[str, torch.Tensor]) -> tuple[dict[str, QuantizedCodes],
+                                                                dict[str, torch.Tensor]]:
+    """One decoder layer at a time (offline.sequential): calibrated methods on its inputs, and
+    every method when the layers are streamed.
 
-    Tensors they change besides the quantized linears (AWQ folds scales into norms) replace
-    their copies in `extra`; quantized linears' biases are packed from the model afterwards.
+    Tensors the method changes besides the quantized weights (AWQ folds scales into norms and
+    biases) replace their copies in `extra`; the changed biases of quantized linears, which
+    `extra` does not hold, are returned for packing.
     """
     plans = make_plans(orders, allocation.block_bits, geos)
-    result = quantize_sequential(loaded.model, loaded.spec, plans, quantizer, tokens, device)
+    result = quantize_sequential(loaded.model, loaded.spec, plans, quantizer, tokens, device,
+                                 source=loaded.source)
+    changed_biases = {}
     for key, value in result.tensors.items():
         if key in extra:
             extra[key] = value.to(extra[key].dtype)
-    return result.codes
+        else:
+            changed_biases[key] = value
+    return result.codes, changed_biases
 
 
 def pack_linears(loaded: LoadedModel, codes: dict[str, QuantizedCodes],
                  orders: dict[str, Order], allocation: alloc.Allocation,
-                 geos: dict[str, LayerGeometry]) -> dict[str, PackedLinear]:
+                 geos: dict[str, LayerGeometry],
+                 changed: dict[str, torch.Tensor] | None = None) -> dict[str, PackedLinear]:
+    """Bit planes of every linear; biases from `changed` (AWQ) or else the checkpoint."""
+    changed = changed or {}
     out = {}
     for name in tqdm(codes, desc="pack", unit="linear", leave=False):
-        bias = loaded.linears[name].bias
-        if bias is not None:
-            bias = bias.detach().to(loaded.orig_dtypes.get(f"{name}.bias", loaded.act_dtype))
+        bias = None
+        if loaded.linears[name].bias is not None:
+            key = f"{name}.bias"
+            bias = changed[key] if key in changed else loaded.read(key)
+            bias = bias.to(loaded.orig_dtypes.get(key, loaded.act_dtype))
         out[name] = pack_codes(codes[name], allocation.block_bits[name], geos[name],
                                orders[name], loaded.act_dtype, bias)
     return out
@@ -259,6 +277,9 @@ def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: allo
 def _calibration(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
                  device: torch.device) -> torch.Tensor:
     """Calibration tokens [nsamples, seqlen] (the model is already on `device`)."""
+    if options.calib is None and loaded.streamed:
+        raise SFMPError("--low-memory needs --calib: data-free calibration samples text from "
+                        "the whole model, which --low-memory never loads")
     with timer("calibration"):
         spec = CalibrationSpec(options.calib, options.nsamples, options.seqlen, options.seed)
         return calibration_tokens(spec, loaded.model, loaded.hf_config,
@@ -270,11 +291,18 @@ def _method_tokens(loaded: LoadedModel, options: QuantizeOptions, timer: StageTi
     """Calibration tokens for a calibrated method when salience needs none (uniform, cache)."""
     if options.method not in CALIBRATED_METHODS:
         return None
-    loaded.model.to(device)  # data-free calibration samples from the model on `device`
-    try:
+    with loaded.on_device(device):  # data-free calibration samples from the model on `device`
         return _calibration(loaded, options, timer, device)
-    finally:
-        loaded.model.to("cpu")
+
+
+def salience_of(loaded: LoadedModel, tokens: torch.Tensor,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Fisher diagonal of every decoder linear: whole-model backward, or layer by layer when the
+    layers are streamed (the same numbers up to floating-point summation order)."""
+    if loaded.streamed:
+        return layerwise_fisher(loaded.model, loaded.spec, list(loaded.linears), tokens,
+                                str(device), loaded.source)
+    return fisher_diagonal(loaded.model, loaded.linears, tokens, device)
 
 
 def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
@@ -296,13 +324,10 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
         # A calibrated method still needs the tokens, which are cheap next to the salience.
         tokens = _method_tokens(loaded, options, timer, device)
     else:
-        loaded.model.to(device)
-        try:
+        with loaded.on_device(device):
             tokens = _calibration(loaded, options, timer, device)
             with timer("salience"):
-                salience = fisher_diagonal(loaded.model, loaded.linears, tokens, device)
-        finally:
-            loaded.model.to("cpu")
+                salience = salience_of(loaded, tokens, device)
         if cache is not None:
             save_salience(cache, salience, cache_key)
     with timer("reorder"):
@@ -317,10 +342,11 @@ def quantize_model(model_dir: str | os.PathLike, options: QuantizeOptions) -> Qu
     options.validate()
     timer = StageTimer()
     with timer("load"):
-        loaded = load_model(model_dir)
+        loaded = (load_streamed if options.low_memory else load_model)(model_dir)
         geos = geometries(loaded, options)
     with timer("export"):  # the unquantized tensors' size is part of a budget
-        extra = unquantized_tensors(loaded.model, loaded.linears, loaded.orig_dtypes)
+        extra = unquantized_tensors(loaded.model, loaded.linears, loaded.orig_dtypes,
+                                    loaded.source)
     check_budget_reachable(loaded, geos, nbytes(extra), options)
     tokens, orders, importance = _salience_stages(loaded, options, timer, geos)
     with timer("allocation"):
@@ -329,13 +355,14 @@ def quantize_model(model_dir: str | os.PathLike, options: QuantizeOptions) -> Qu
              allocation.target_bits, allocation.avg_bits, allocation.bit_choices)
     with timer("quantize"):
         quantizer = METHODS[options.method](MethodInputs(loaded, tokens, orders, options))
-        if options.method in CALIBRATED_METHODS:
-            codes = quantize_calibrated(loaded, quantizer, tokens, orders, allocation, geos,
-                                        options.device, extra)
+        changed: dict[str, torch.Tensor] = {}
+        if options.method in CALIBRATED_METHODS or loaded.streamed:
+            codes, changed = quantize_layerwise(loaded, quantizer, tokens, orders, allocation,
+                                                geos, options.device, extra)
         else:
             codes = quantize_linears(loaded, quantizer, orders, allocation, geos)
     with timer("pack"):
-        packed = pack_linears(loaded, codes, orders, allocation, geos)
+        packed = pack_linears(loaded, codes, orders, allocation, geos, changed)
     with timer("export"):
         config = build_config(loaded, options, allocation, packed, quantizer)
         for name, p in packed.items():

@@ -18,6 +18,11 @@ from sfmp_serve.arch import ArchSpec
 from sfmp_serve.errors import SFMPError
 
 
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class SafetensorsSource:
     """Which file holds each tensor of a checkpoint directory, and reads on demand."""
 
@@ -32,6 +37,13 @@ class SafetensorsSource:
             with safe_open(f, framework="pt") as handle:
                 for key in handle.keys():
                     self._where[key] = f
+                    # The header says each dtype: nothing is read to learn it.
+                    stored = handle.get_slice(key).get_dtype()
+                    if stored in HEADER_DTYPES:
+                        self._dtypes[key] = HEADER_DTYPES[stored]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -50,6 +62,9 @@ class SafetensorsSource:
                 for k in names:
                     out[k] = handle.get_tensor(k)
                     self._dtypes[k] = out[k].dtype
+                    # Streamed weights are seen only here: the in-memory path's NaN/Inf check.
+                    if out[k].is_floating_point() and not torch.isfinite(out[k]).all():
+                        raise SFMPError(f"{f}: weight {k} contains NaN or Inf")
         return out
 
     def dtype(self, key: str) -> torch.dtype:

@@ -51,8 +51,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(arch: str = "llama", hidden: int = 96, intermediate: int = 200,
-                layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = True):
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = True,
+                **extra):
+    common = dict(**extra, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
                   num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, max_position_embeddings=512,
                   tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, pad_token_id=2,
@@ -72,9 +73,11 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0,
     model = AutoModelForCausalLM.from_config(config)
     # Larger-than-default init so quantization error and logits are not negligible.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif name.endswith(".bias"):  # transformers initialises biases to zero
+                p.normal_(0, 0.05)
     model = model.to(dtype)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)

@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--device", default="cpu", help="torch device of the HF path (cpu, cuda)")
     ppl.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                      help="HF path: compute dtype (default: the model's)")
+    ppl.add_argument("--packed", action="store_true",
+                     help="HF path, SFMP checkpoint: run the packed reference op in every "
+                          "forward (slow) instead of dequantizing each linear once at load "
+                          "(same weights, same float32 accumulation)")
     ppl.add_argument("--server", metavar="URL", help="OpenAI-compatible server, e.g. "
                                                      "http://127.0.0.1:8000")
     ppl.add_argument("--model", metavar="NAME",
@@ -64,7 +68,7 @@ def _hf_ppl(args: argparse.Namespace, text: str):
     from sfmp_serve.eval.windows import tokenize_windows
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_model_and_tokenizer(args.path, args.device, dtype)
+    model, tokenizer = load_model_and_tokenizer(args.path, args.device, dtype, args.packed)
     windows = tokenize_windows(tokenizer, text, args.seqlen, args.max_tokens)
     return hf_perplexity(model, windows, args.seqlen)
 

@@ -29,6 +29,7 @@ examples:
   sfmp quantize MODEL --budget-gb 0.2 --out OUT
   sfmp quantize MODEL --bits 3.25 --method gptq --out OUT
   sfmp quantize MODEL --bits 3 --uniform --method awq --out OUT   (plain g128 baseline)
+  sfmp quantize MODEL --bits 3.5 --method gptq --low-memory --calib text.txt --out OUT
 """
 
 
@@ -71,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "awq/gptq run layer by layer on the calibration data (default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device for calibration, salience and awq/gptq (default %(default)s)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="never load the whole model: read one decoder layer at a time from "
+                        "the safetensors files (salience and quantization layer by layer; "
+                        "needs --calib, as data-free sampling runs the whole model)")
     p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
@@ -108,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size, block_rows=args.block_rows, method=args.method,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         device=args.device, uniform=args.uniform,
-        salience_cache=args.salience_cache)
+        salience_cache=args.salience_cache, low_memory=args.low_memory)
     result = quantize_model(model_dir, options)
     save_result(result, model_dir, out, overwrite=args.overwrite)
     _print_summary(result, out)

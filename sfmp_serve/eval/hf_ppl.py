@@ -15,14 +15,19 @@ log = logging.getLogger(__name__)
 
 
 def load_model_and_tokenizer(path: str | os.PathLike, device: str = "cpu",
-                             dtype: torch.dtype | None = None):
-    """(model, tokenizer) of an HF directory or an SFMP checkpoint, in eval mode."""
+                             dtype: torch.dtype | None = None, packed: bool = False):
+    """(model, tokenizer) of an HF directory or an SFMP checkpoint, in eval mode.
+
+    An SFMP checkpoint's linears are dequantized once at load (the same weight values and
+    float32 accumulation as the packed op, several times faster on long windows) unless
+    `packed`, which runs the packed reference op in every forward.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     read_hf_config(path)  # one-line error for a missing directory or config.json
     if is_sfmp_checkpoint(path):
         from sfmp_serve.hf import load_sfmp_model
-        model = load_sfmp_model(path, device=device, dtype=dtype)
+        model = load_sfmp_model(path, device=device, dtype=dtype, dequantized=not packed)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device)
     return model.eval(), AutoTokenizer.from_pretrained(path)

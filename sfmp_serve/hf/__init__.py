@@ -5,10 +5,10 @@ Importing this package also registers "sfmp" with transformers' quantizer regist
 """
 
 from sfmp_serve.hf.hf_quantizer import register_transformers
-from sfmp_serve.hf.linear import SFMPLinear, sfmp_matmul
+from sfmp_serve.hf.linear import DequantizedLinear, SFMPLinear, dequantize_linears, sfmp_matmul
 from sfmp_serve.hf.loader import load_sfmp_model, quantize_in_memory
 
 register_transformers()
 
-__all__ = ["SFMPLinear", "sfmp_matmul", "load_sfmp_model", "quantize_in_memory",
+__all__ = ["DequantizedLinear", "SFMPLinear", "dequantize_linears", "sfmp_matmul", "load_sfmp_model", "quantize_in_memory",
            "register_transformers"]

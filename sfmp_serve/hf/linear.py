@@ -9,11 +9,12 @@ kernel replaces the reference without touching anything else.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sfmp_serve.errors import FormatError
 from sfmp_serve.format import TENSOR_SUFFIXES, PackedLinear, SFMPConfig
-from sfmp_serve.ops.reference import sfmp_linear_reference
+from sfmp_serve.ops.reference import dequantize, sfmp_linear_reference
 
 
 def sfmp_matmul(x: torch.Tensor, packed: PackedLinear, config: SFMPConfig) -> torch.Tensor:
@@ -48,6 +49,35 @@ class SFMPLinear(nn.Module):
         bits = self.block_bits.to(torch.float64)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block_bits={bits.min():.0f}..{bits.max():.0f}")
+
+
+class DequantizedLinear(nn.Module):
+    """An SFMPLinear's weight dequantized once, in float32 and the original order.
+
+    The math of `sfmp_matmul` (float32 accumulation of the same weight values) without
+    rebuilding the weight in every call: for evaluation, where speed matters and memory does
+    not. Outputs match SFMPLinear's up to float32 summation order.
+    """
+
+    def __init__(self, linear: SFMPLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = linear.packed()
+        self.weight = nn.Parameter(dequantize(packed, linear.config, torch.float32),
+                                   requires_grad=False)
+        self.bias = (None if packed.bias is None else
+                     nn.Parameter(packed.bias.to(torch.float32), requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.float32), self.weight, self.bias).to(x.dtype)
+
+
+def dequantize_linears(model: nn.Module) -> int:
+    """Replace every SFMPLinear of `model` by its DequantizedLinear; returns how many."""
+    names = [name for name, m in model.named_modules() if isinstance(m, SFMPLinear)]
+    for name in names:
+        replace_module(model, name, DequantizedLinear(model.get_submodule(name)))
+    return len(names)
 
 
 def find_linear(model: nn.Module, name: str) -> nn.Linear:

@@ -17,7 +17,8 @@ from torch import nn
 from sfmp_serve.errors import FormatError, SFMPError
 from sfmp_serve.format import (TENSOR_SUFFIXES, Checkpoint, PackedLinear, SFMPConfig,
                                load_checkpoint)
-from sfmp_serve.hf.linear import SFMPLinear, check_bias, find_linear, replace_module
+from sfmp_serve.hf.linear import (SFMPLinear, check_bias, dequantize_linears, find_linear,
+                                  replace_module)
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,13 @@ def _attach_generation_config(model: nn.Module, ckpt: Checkpoint) -> None:
 
 
 def load_sfmp_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> nn.Module:
+                    dtype: torch.dtype | None = None, dequantized: bool = False) -> nn.Module:
     """A transformers causal LM from an SFMP checkpoint, quantized linears as SFMPLinear.
 
     dtype: of the unquantized tensors (default: the checkpoint's act_dtype). Packed alpha/beta
     keep the act_dtype; the op accumulates in float32 and returns the activation's dtype.
+    dequantized: each quantized linear becomes a DequantizedLinear (float32 dense weight, the
+    same values): fast evaluation at several times the memory of the packed form.
     """
     ckpt = load_checkpoint(path, validate=False)
     dtype = dtype or ckpt.config.torch_act_dtype
@@ -111,5 +114,8 @@ def load_sfmp_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     _load_rest(model, ckpt, dtype)
     _attach_generation_config(model, ckpt)
     model.eval()
-    log.info("loaded %s: %d SFMP linears", path, len(linears))
+    if dequantized:
+        dequantize_linears(model)
+    log.info("loaded %s: %d SFMP linears%s", path, len(linears),
+             " (dequantized to float32)" if dequantized else "")
     return model.to(device)

@@ -65,11 +65,29 @@ def test_cli_ppl_equals_direct_computation(tiny_llama, text_file, capsys):
     assert got["ppl"] == pytest.approx(want, rel=1e-4)
 
 
-def test_cli_ppl_of_sfmp_checkpoint(llama_ckpt, text_file, capsys):
-    assert main(["eval", "ppl", str(llama_ckpt.path), "--text", str(text_file), "--seqlen",
-                 "64", "--max-tokens", "100", "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
-    assert got["tokens"] == 100 and math.isfinite(got["ppl"]) and got["ppl"] > 1
+def test_cli_ppl_of_sfmp_checkpoint_dequantized_equals_packed(llama_ckpt, text_file, capsys):
+    ppl = {}
+    for mode in ([], ["--packed"]):
+        assert main(["eval", "ppl", str(llama_ckpt.path), "--text", str(text_file), "--seqlen",
+                     "64", "--max-tokens", "100", "--json", *mode]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["tokens"] == 100 and math.isfinite(got["ppl"]) and got["ppl"] > 1
+        ppl[bool(mode)] = got["ppl"]
+    # Same weights, float32 accumulation in both: only the summation order differs.
+    assert ppl[False] == pytest.approx(ppl[True], rel=1e-5)
+
+
+def test_dequantized_linears_match_the_packed_op(llama_ckpt):
+    from sfmp_serve.hf import DequantizedLinear, SFMPLinear, load_sfmp_model
+
+    packed = load_sfmp_model(llama_ckpt.path)
+    dense = load_sfmp_model(llama_ckpt.path, dequantized=True)
+    n_packed = sum(isinstance(m, SFMPLinear) for m in packed.modules())
+    assert n_packed and n_packed == sum(isinstance(m, DequantizedLinear) for m in dense.modules())
+    assert not any(isinstance(m, SFMPLinear) for m in dense.modules())
+    ids = torch.randint(3, 300, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, packed(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 class FakeCompletions(BaseHTTPRequestHandler):
