@@ -3,8 +3,10 @@
 Validates the checkpoint first (a clean one-line error instead of a stack trace from deep in
 vLLM's start-up), sets PROMETHEUS_MULTIPROC_DIR to a fresh empty directory unless the caller set
 one (the SFMP op runs in vLLM's engine-core process; only multiprocess mode brings its metrics to
-the server's /metrics, next to vLLM's own), then replaces itself with
-`python -m vllm.entrypoints.openai.api_server --model CKPT --quantization sfmp ...`.
+the server's /metrics, next to vLLM's own), then runs
+`python -m vllm.entrypoints.openai.api_server --model CKPT --quantization sfmp ...` as a child:
+SIGTERM and SIGHUP are passed on to it, its exit status is this command's, and the metrics
+directory it made is removed when vLLM exits (an exec could not clean up after itself).
 Options it does not know go to vLLM unchanged, e.g. --max-model-len 2048 --dtype bfloat16.
 """
 
@@ -13,6 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -95,15 +100,40 @@ def vllm_command(checkpoint: str, host: str, port: int, extra: list[str]) -> lis
             "--host", host, "--port", str(port), *extra]
 
 
+def supervise(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` to its end; SIGTERM/SIGHUP sent to this process are passed on to it.
+
+    SIGINT is not passed on: Ctrl-C reaches the child directly (same foreground process group)
+    and a second SIGINT would make vLLM skip its graceful shutdown. Returns the child's exit
+    status, 128 + N when signal N ended it (the shell's convention).
+    """
+    child = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    handlers = {signal.SIGTERM: forward, signal.SIGHUP: forward, signal.SIGINT: signal.SIG_IGN}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
 def run(args: argparse.Namespace) -> int:
     host, port, extra = split_args(args)
     check_checkpoint(args.checkpoint)
     env = dict(os.environ)
+    own_metrics_dir = not env.get("PROMETHEUS_MULTIPROC_DIR")
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(env)
     command = vllm_command(args.checkpoint, host, port, extra)
-    logger.info("PROMETHEUS_MULTIPROC_DIR=%s; exec %s", env["PROMETHEUS_MULTIPROC_DIR"],
+    logger.info("PROMETHEUS_MULTIPROC_DIR=%s; running %s", env["PROMETHEUS_MULTIPROC_DIR"],
                 " ".join(command))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, command, env)
-    return 0  # not reached: execve replaces this process
+    try:
+        return supervise(command, env)
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

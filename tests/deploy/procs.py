@@ -1,75 +1,16 @@
-"""Real server processes for end-to-end tests: start, wait with a deadline, always kill.
-
-Each process runs in its own session so that stopping it also stops its children (vLLM's
-engine core and workers), and its output goes to a log file whose tail is shown on failure.
-"""
+"""Prometheus for the observability tests: a real one scraping a real server, queried over its
+HTTP API. Process handling is tests/procs.py's."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A subprocess in its own process group, logging to `log`."""
-
-    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None):
-        self.log = log
-        self._log_file = open(log, "wb")
-        self.popen = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                      env=env, start_new_session=True)
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-    def wait_http(self, url: str, timeout_s: float) -> None:
-        """Poll `url` until it answers 200; fail early if the process exits."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.log.name}: exited {self.popen.returncode}\n"
-                                   f"{self.tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s\n{self.tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM the whole group; after 20 s SIGKILL whatever of it is left."""
-        try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # children (engine core, workers) can outlive the leader
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(10)
-        self._log_file.close()
+from tests.procs import Proc, free_port
 
 
 def start_prometheus(target: str, workdir: Path) -> tuple[Proc, str]:

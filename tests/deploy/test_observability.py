@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.procs import Proc, free_port, prom_query, scrape, start_prometheus
+from tests.deploy.procs import prom_query, scrape, start_prometheus
+from tests.procs import Proc, free_port
 from tests.deploy.test_deploy_files import dashboard_exprs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

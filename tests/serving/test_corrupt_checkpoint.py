@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.serving.checkpoints import corrupt_copy
-from tests.serving.server import Server, free_port
+from tests.procs import Proc, free_port
 from tests.serving.test_vllm_server import VLLM_ARGS
 
 pytestmark = pytest.mark.e2e
@@ -26,9 +26,9 @@ def test_vllm_startup_fails_on_corrupted_tensor(checkpoint, tmp_path):
     method detected from config.json (no --quantization flag)."""
     name = "model.layers.0.mlp.up_proj.qweight"
     bad = corrupt_copy(checkpoint, tmp_path / "bad", name, lambda t: t[:-1].clone())
-    proc = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                   str(bad), "--port", str(free_port()),
-                   "--enforce-eager", *VLLM_ARGS], tmp_path / "vllm.log")
+    proc = Proc([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                 str(bad), "--port", str(free_port()),
+                 "--enforce-eager", *VLLM_ARGS], tmp_path / "vllm.log")
     assert proc.wait_exit() != 0
     output = proc.output()
     assert f"layer model.layers.0.mlp.up_proj: tensor {name}" in output, output[-3000:]

@@ -1,10 +1,14 @@
-"""`sfmp serve` without starting vLLM: argument handling, pre-checks, the exec'd command."""
+"""`sfmp serve` without starting vLLM: argument handling, pre-checks, the command it runs, and
+the supervision of that command (signals, exit status, metrics directory cleanup)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 
 import pytest
 import torch
@@ -22,39 +26,84 @@ def checkpoint(tmp_path_factory):
     return make_random_checkpoint(model, root / "sfmp")
 
 
-def _exec_args(monkeypatch, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+def _run_args(monkeypatch, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment `sfmp serve` would run vLLM with (vLLM is not started)."""
     captured = {}
 
-    def fake_execve(path, args, env):
-        captured.update(path=path, args=args, env=env)
-        raise SystemExit(0)
+    def fake_supervise(command, env):
+        captured.update(command=command, env=dict(env),
+                        metrics_listing=os.listdir(env["PROMETHEUS_MULTIPROC_DIR"]))
+        return 0
 
-    monkeypatch.setattr(os, "execve", fake_execve)
-    with pytest.raises(SystemExit):
-        cli_main.main(["serve", *argv])
-    assert captured["path"] == sys.executable
-    return captured["args"], captured["env"]
+    monkeypatch.setattr(serve, "supervise", fake_supervise)
+    assert cli_main.main(["serve", *argv]) == 0
+    return captured["command"], captured["env"], captured["metrics_listing"]
 
 
-def test_execs_vllm_with_sfmp_and_passes_unknown_options(monkeypatch, checkpoint, tmp_path):
+def test_runs_vllm_with_sfmp_and_passes_unknown_options(monkeypatch, checkpoint, tmp_path):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the fresh dir lands here
-    args, env = _exec_args(monkeypatch, [str(checkpoint), "--max-model-len", "256",
-                                         "--port", "9123", "--dtype=float32"])
+    args, env, listing = _run_args(monkeypatch, [str(checkpoint), "--max-model-len", "256",
+                                                 "--port", "9123", "--dtype=float32"])
     assert args == [sys.executable, "-m", serve.VLLM_SERVER, "--model", str(checkpoint),
                     "--quantization", "sfmp", "--host", "127.0.0.1", "--port", "9123",
                     "--max-model-len", "256", "--dtype=float32"]
     metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]
-    assert metrics_dir.startswith(str(tmp_path))
-    assert os.path.isdir(metrics_dir) and not os.listdir(metrics_dir)
+    assert metrics_dir.startswith(str(tmp_path)) and listing == []  # fresh and empty
+    assert not os.path.exists(metrics_dir)  # removed once vLLM is gone
 
 
 def test_keeps_callers_metrics_dir(monkeypatch, checkpoint, tmp_path):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "prom"))
-    args, env = _exec_args(monkeypatch, ["--host", "0.0.0.0", str(checkpoint)])
+    args, env, _ = _run_args(monkeypatch, ["--host", "0.0.0.0", str(checkpoint)])
     assert env["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "prom")
-    assert (tmp_path / "prom").is_dir()
+    assert (tmp_path / "prom").is_dir()  # the caller's: created, and kept afterwards
     assert args[args.index("--host") + 1] == "0.0.0.0"
+
+
+def _fake_vllm(monkeypatch, tmp_path, script: str) -> None:
+    """Make `sfmp serve` run `script` (Python) in place of vLLM."""
+    monkeypatch.setattr(serve, "vllm_command",
+                        lambda *args: [sys.executable, "-c", script, str(tmp_path)])
+
+
+def test_child_exit_status_is_returned_and_its_metrics_dir_removed(monkeypatch, checkpoint,
+                                                                    tmp_path):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    _fake_vllm(monkeypatch, tmp_path, (
+        "import json, os, pathlib, sys\n"
+        "d = os.environ['PROMETHEUS_MULTIPROC_DIR']\n"
+        "pathlib.Path(d, 'counter_1.db').write_bytes(b'x')\n"  # what vLLM's workers write
+        "pathlib.Path(sys.argv[1], 'seen.json').write_text(json.dumps(d))\n"
+        "sys.exit(3)\n"))
+    assert cli_main.main(["serve", str(checkpoint)]) == 3
+    metrics_dir = json.loads((tmp_path / "seen.json").read_text())
+    assert not os.path.exists(metrics_dir)
+
+
+def test_sigterm_reaches_the_child_and_ends_the_command(monkeypatch, checkpoint, tmp_path):
+    _fake_vllm(monkeypatch, tmp_path, (
+        "import pathlib, signal, sys, time\n"
+        "def bye(*_):\n"
+        "    pathlib.Path(sys.argv[1], 'got_sigterm').touch(); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "pathlib.Path(sys.argv[1], 'ready').touch()\n"
+        "time.sleep(60)\n"))
+
+    def terminate_when_ready():
+        for _ in range(600):
+            if (tmp_path / "ready").exists():
+                break
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # to `sfmp serve` (this process), not the child
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    killer = threading.Thread(target=terminate_when_ready)
+    killer.start()
+    assert cli_main.main(["serve", str(checkpoint)]) == 0  # the child's graceful exit
+    killer.join()
+    assert (tmp_path / "got_sigterm").exists()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 @pytest.mark.parametrize("extra, message", [

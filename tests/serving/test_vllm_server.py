@@ -15,7 +15,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from sfmp_serve.format import load_checkpoint
-from tests.serving.server import Server, free_port, request
+from tests.procs import Proc, free_port, request
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("vllm")  # these tests start vLLM's server
@@ -34,10 +34,10 @@ def checkpoint(serving_checkpoint) -> Path:
 def server(checkpoint, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = Server([sys.executable, "-m", "sfmp_serve.cli.main", "serve", str(checkpoint),
-                   "--port", str(port), *VLLM_ARGS], log)
+    proc = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", str(checkpoint),
+                 "--port", str(port), *VLLM_ARGS], log)
     try:
-        proc.wait_healthy(port)
+        proc.wait_http(f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}", proc
     finally:
         proc.stop()
