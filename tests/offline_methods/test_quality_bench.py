@@ -68,3 +68,38 @@ def test_quality_table_and_plot_on_a_tiny_model(quality, tiny_llama, tmp_path):
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in (tmp_path / "work").iterdir() if p.is_dir()]  # checkpoints removed
     assert (tmp_path / "work" / "salience.safetensors").is_file()  # one Fisher pass, reused
+
+
+@pytest.fixture(scope="module")
+def ablation(quality):
+    spec = importlib.util.spec_from_file_location("bench_ablation", ROOT / "bench" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = quality  # what ablation.py imports from its own folder
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_swaps_change_only_what_they_name(ablation, tiny_llama):
+    from unittest import mock
+
+    import torch
+
+    from offline import pipeline
+    from offline.pipeline import QuantizeOptions, quantize_model
+
+    options = dict(bits=3.5, budget_gb=None, group_size=32, block_rows=16, nsamples=2, seqlen=32)
+    full = quantize_model(tiny_llama, QuantizeOptions(**options))
+    with mock.patch.object(pipeline, "salience_orders", ablation.identity_orders):
+        plain = quantize_model(tiny_llama, QuantizeOptions(**options))
+    with mock.patch.object(pipeline.alloc, "block_sums", ablation.random_block_sums(0)):
+        shuffled = quantize_model(tiny_llama, QuantizeOptions(**options))
+    name = "model.layers.0.mlp.down_proj"
+    identity = torch.arange(full.packed[name].in_features, dtype=torch.int32)
+    assert not torch.equal(full.packed[name].input_perm, identity)
+    assert torch.equal(plain.packed[name].input_perm, identity)
+    assert torch.equal(shuffled.packed[name].input_perm, full.packed[name].input_perm)
+    # Same bit mix, placed elsewhere.
+    bits = {r.config.avg_bits for r in (full, plain, shuffled)}
+    assert max(bits) - min(bits) < 0.02
+    assert any(not torch.equal(full.packed[n].block_bits, shuffled.packed[n].block_bits)
+               for n in full.packed)
