@@ -11,9 +11,10 @@ plus the unquantized model. Each checkpoint is written by the real pipeline and 
 installed apache-tvm-ffi package; calibration never sees it: it is data-free by default).
 
 Writes OUT/results.json (appended as runs finish; finished runs are skipped on a rerun),
-OUT/quality.md (the table) and OUT/quality.png (ppl vs BPW, one line per method).
+OUT/quality.md (the table) and OUT/quality.png or --plot (ppl vs BPW, one line per method).
 
-    .venv/bin/python bench/quality.py --model models/smollm2-bf16 --out bench/results/quality
+    .venv/bin/python bench/quality.py --model models/smollm2-bf16 --out bench/results/quality \
+        --plot docs/quality.png
 """
 
 from __future__ import annotations
@@ -244,10 +245,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-rows", type=int, default=512)
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window")
-    p.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens scored")
+    p.add_argument("--eval-seqlen", type=int, default=2048,
+                   help="perplexity window (default: sfmp eval ppl's)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="held-out tokens scored")
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--plot", default=None, help="where the PNG goes (default OUT/quality.png)")
     return p.parse_args(argv)
 
 
@@ -257,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     results = run_all(args)
     out = Path(args.out)
     (out / "quality.md").write_text(table(results))
-    plot(results, out / "quality.png")
+    png = Path(args.plot) if args.plot else out / "quality.png"
+    plot(results, png)
     print(table(results))
-    print(f"wrote {out / 'quality.md'}, {out / 'quality.png'}, {out / 'results.json'}")
+    print(f"wrote {out / 'quality.md'}, {png}, {out / 'results.json'}")
     return 0
 
 
