@@ -53,7 +53,7 @@ def main() -> None:
             packed = random_packed(n, k, config, gen)
             state = cpu.prepare(fuse_shards("bench", ("bench",), (packed,), config, dtype, "cpu"))
             dense = torch.randn(n, k).to(dtype)
-            for m in (1, 64):
+            for m in (1, 64, 512, 2048):
                 x = torch.randn(m, k).to(dtype)
                 t_sfmp = _time_us(lambda: cpu.apply(x, state), args.reps)
                 t_dense = _time_us(lambda: x @ dense.t(), args.reps)

@@ -54,7 +54,7 @@ def test_matches_reference(shape, bits, dtype):
     config, names, shards = _layer(*shape, bits, dtype)
     handle = api.prepare_layer("test.layer", names, shards, config, dtype, "cpu")
     gen = torch.Generator().manual_seed(1)
-    for m in (1, 2, 7, 33):
+    for m in (1, 2, 7, 33, cpu.DENSE_MIN_M):  # decode, batched LUT-free GEMMs, dense prefill
         x = torch.randn(m, shape[1], generator=gen).to(dtype)
         y = api.linear(x, handle)
         assert y.dtype == dtype and y.shape == (m, handle.out_features)
@@ -73,12 +73,14 @@ def test_lut_reference_agrees_on_a_fused_layer():
 def test_small_chunks_split_block_rows(monkeypatch):
     """Chunks smaller than a block-row: tiles split rows and chunks hold several tiles."""
     config, names, shards = _layer((150, 64), 96, 32, 64, (2, 3, 4), torch.float32)
-    x = torch.randn(5, 96)
-    reference = _reference(x, shards, config)
-    for elems in (96 * 20, 96 * 70, 96 * 400):
-        monkeypatch.setattr(cpu_layout, "CHUNK_ELEMS", elems)
-        handle = api.prepare_layer("test.chunks", names, shards, config, torch.float32, "cpu")
-        assert _rel_err(api.linear(x, handle), reference) < 1e-5, elems
+    for m in (5, cpu.DENSE_MIN_M + 3):  # per-group GEMMs, and dense tiles
+        x = torch.randn(m, 96)
+        reference = _reference(x, shards, config)
+        for elems in (96 * 20, 96 * 70, 96 * 400):
+            monkeypatch.setattr(cpu_layout, "CHUNK_ELEMS", elems)
+            handle = api.prepare_layer("test.chunks", names, shards, config, torch.float32,
+                                       "cpu")
+            assert _rel_err(api.linear(x, handle), reference) < 1e-5, (m, elems)
 
 
 def test_bias_leading_dims_and_fp16():
