@@ -2,8 +2,10 @@
 
 The packed tensors are buffers named exactly like the checkpoint's (`<layer>.qweight`, ...), so
 `state_dict()` of a swapped model is the checkpoint's tensor set. No dense weight is kept:
-memory is the point of the format. The op is called in one place, `sfmp_matmul`, so a faster
-kernel replaces the reference without touching anything else.
+memory is the point of the format. On the CPU the forward runs the serving path's CPU op
+(sfmp_serve/ops/cpu.py, its layout built on first use: the packed bytes regrouped, about as
+large again as the buffers); elsewhere the plain-torch reference op. `DequantizedLinear` is the
+evaluation form: the same weights dequantized once.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from sfmp_serve.format import TENSOR_SUFFIXES, PackedLinear, SFMPConfig
 from sfmp_serve.ops.reference import dequantize, sfmp_linear_reference
 
 
+# Activation dtypes the CPU op is built for; anything else (float64) takes the reference op.
+_CPU_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def sfmp_matmul(x: torch.Tensor, packed: PackedLinear, config: SFMPConfig) -> torch.Tensor:
-    """y = x @ W^T (+ bias): the single call site of the SFMP op on the transformers path.
+    """y = x @ W^T (+ bias) with the reference op, where the CPU op does not apply.
 
     The `dequant` formulation rebuilds the weight transiently inside the call (one matmul is
     far faster in plain torch than the table lookups of `lut`); nothing outlives the call.
@@ -43,7 +49,27 @@ class SFMPLinear(nn.Module):
         return PackedLinear(**{s: getattr(self, s) for s in TENSOR_SUFFIXES}, bias=self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and self.qweight.device.type == "cpu"
+                and x.dtype in _CPU_OP_DTYPES):
+            return self._cpu_forward(x)
         return sfmp_matmul(x, self.packed(), self.config)
+
+    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from sfmp_serve.ops import cpu
+        from sfmp_serve.ops.runtime import fuse_shards
+
+        # Built lazily and kept outside the buffers: state_dict() stays the checkpoint's, and
+        # the layout is rebuilt if the buffers were replaced (load_state_dict, .to()).
+        key = (self.qweight.data_ptr(), self.alpha.data_ptr(), x.dtype)
+        if getattr(self, "_cpu_key", None) != key:
+            packed = self.packed()
+            fused = fuse_shards("hf", ("hf",), (packed,), self.config, x.dtype, "cpu")
+            self._cpu_state, self._cpu_key = cpu.prepare(fused), key
+        x2 = x.reshape(-1, self.in_features)
+        y = cpu.apply(x2, self._cpu_state)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         bits = self.block_bits.to(torch.float64)

@@ -45,9 +45,10 @@ def server(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    """The transformers model on the reference op (sfmp_serve.hf), float32."""
+    """The transformers model with every SFMP linear dequantized by the reference op, float32
+    (independent of the CPU op that both vLLM and SFMPLinear run)."""
     from sfmp_serve.hf import load_sfmp_model
-    return load_sfmp_model(checkpoint, dtype=torch.float32)
+    return load_sfmp_model(checkpoint, dtype=torch.float32, dequantized=True)
 
 
 def _complete(url: str, **body) -> dict:
