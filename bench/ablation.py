@@ -8,7 +8,13 @@ Runs through the real pipeline (`quantize_model` + `save_result`), scored like b
 - `uniform-rtn-4bit-g32`: plain 4-bit RTN on groups of 32, the grid of the GGUF Q4_1 file the
   embedded SmolLM2 comes from (its weights are d*q + m on exactly such groups), so it should
   give back the unquantized model almost exactly: a check of what re-quantization on another
-  grid costs.
+  grid costs;
+- any `uniform-METHOD-Bbit-gG` (e.g. `uniform-awq-3bit-g64`): a uniform baseline at another
+  group size, to compare at equal bits per weight rather than at g128 only;
+- `uniform-rtn-Bbit-gG-float-offset`: RTN whose grid starts at the group's minimum (a float
+  offset, as GGUF's Q4_1 stores: w = d q + m) instead of the GPTQ convention the quantizers use
+  (range widened to contain 0, integer zero point). The format can hold either: beta is a
+  float per group.
 The ablations are done by swapping one pipeline function for the run (unittest.mock), not by
 flags in the product.
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -51,19 +58,41 @@ def random_block_sums(seed: int):
     return block_sums
 
 
+UNIFORM = re.compile(r"uniform-(rtn|awq|gptq)-(\d)bit-g(\d+)(-float-offset)?")
+
+
+def float_offset_minmax(w, bits):
+    """rtn.minmax_quantize with the grid starting at min(w): zero = -min / s, not rounded."""
+    import torch
+    maxq = 2.0 ** bits.to(torch.float32) - 1
+    lo, hi = w.min(dim=1).values, w.max(dim=1).values
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = -lo / scale
+    codes = torch.minimum((torch.round(w / scale[:, None] + zero[:, None])).clamp(min=0),
+                          maxq[:, None])
+    return codes.to(torch.uint8), scale, zero
+
+
 def run_one(label: str, args: argparse.Namespace, code_bits: float, text: str) -> dict:
     from offline import pipeline
     from offline.pipeline import QuantizeOptions, quantize_model, save_result
 
-    uniform = label.startswith("uniform")
+    uniform = UNIFORM.fullmatch(label)
+    method, bits, group = ((uniform[1], float(uniform[2]), int(uniform[3])) if uniform
+                           else (args.method, code_bits, args.group_size))
     options = QuantizeOptions(
-        bits=4.0 if uniform else code_bits, budget_gb=None,
-        group_size=32 if uniform else args.group_size, block_rows=args.block_rows,
-        method="rtn" if uniform else args.method, uniform=uniform, nsamples=args.nsamples,
+        bits=bits, budget_gb=None, group_size=group, block_rows=args.block_rows,
+        method=method, uniform=bool(uniform), nsamples=args.nsamples,
         seqlen=args.calib_seqlen, device=args.device,
         salience_cache=str(Path(args.work) / "salience.safetensors"))
     ckpt = Path(args.work) / f"ablation-{label}"
     with ExitStack() as stack:
+        if uniform and uniform[4]:
+            if method != "rtn":
+                raise SystemExit(f"{label}: -float-offset is an RTN ablation")
+            from offline.quantizers import rtn
+            stack.enter_context(mock.patch.object(rtn, "minmax_quantize", float_offset_minmax))
         if label == "no-reorder":
             stack.enter_context(mock.patch.object(pipeline, "salience_orders", identity_orders))
         elif label == "random-placement":
@@ -90,9 +119,9 @@ def table(results: dict, meta: dict) -> str:
     if "baseline" in results:
         lines.append(f"| unquantized | - | - | - | {results['baseline']['bpw']:.2f} | "
                      f"{results['baseline']['ppl']:.3f} |")
-    for label in LABELS:
+    for label in [*LABELS, *sorted(k for k in results if k not in LABELS)]:
         r = results.get(label)
-        if r:
+        if r and label not in ("baseline", "meta"):
             lines.append(f"| {label} | {r['method']} | {r['group_size']} | {r['avg_bits']:.3f} | "
                          f"{r['bpw']:.3f} | {r['ppl']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -111,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", default=None)
     p.add_argument("--bpw", type=float, default=3.5)
     p.add_argument("--method", default="gptq", choices=("rtn", "awq", "gptq"))
-    p.add_argument("--runs", default=",".join(LABELS), help="comma-separated subset of "
-                                                           + ", ".join(LABELS))
+    p.add_argument("--runs", default=",".join(LABELS), help="comma-separated, from "
+                   + ", ".join(LABELS) + " and uniform-METHOD-Bbit-gG")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--block-rows", type=int, default=512)
     p.add_argument("--nsamples", type=int, default=32)
@@ -122,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="random-placement seed")
     args = p.parse_args(argv)
-    unknown = set(args.runs.split(",")) - set(LABELS)
+    unknown = {r for r in args.runs.split(",") if r not in LABELS and not UNIFORM.fullmatch(r)}
     if unknown:
         p.error(f"--runs: unknown {sorted(unknown)}")
 

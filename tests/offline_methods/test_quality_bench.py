@@ -103,3 +103,24 @@ def test_ablation_swaps_change_only_what_they_name(ablation, tiny_llama):
     assert max(bits) - min(bits) < 0.02
     assert any(not torch.equal(full.packed[n].block_bits, shuffled.packed[n].block_bits)
                for n in full.packed)
+
+
+def test_float_offset_rtn_reproduces_a_q4_1_grid_that_integer_zero_rtn_does_not(ablation):
+    import torch
+
+    from offline.quantizers.rtn import minmax_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(64, 1, generator=gen) * 0.01 + 0.001
+    m = -torch.rand(64, 1, generator=gen) * 0.05  # a float minimum, not a multiple of d
+    q = torch.randint(0, 16, (64, 32), generator=gen)
+    q[:, 0], q[:, 1] = 0, 15  # the block uses its whole range, as Q4_1 blocks do
+    w = d * q + m
+    bits = torch.full((64,), 4)
+
+    def error(quantize):
+        codes, scale, zero = quantize(w, bits)
+        return ((codes.float() - zero[:, None]) * scale[:, None] - w).abs().max().item()
+
+    assert error(ablation.float_offset_minmax) < 1e-6
+    assert error(minmax_quantize) > 1e-4
