@@ -1,6 +1,6 @@
 """Micro-benchmark of the CPU path of sfmp::linear on SmolLM2-135M shapes vs a dense matmul.
 
-    .venv/bin/python bench/cpu_op.py [--threads 1] [--chunk-elems 524288]
+    .venv/bin/python bench/cpu_op.py [--threads 1] [--chunk-elems 524288] [--dense-min-m 256]
 
 Random SFMP layers (block 512 x 128, bits {2,3,4} mixed), median of repeated calls. Prints a
 markdown table; numbers are only meaningful on an otherwise idle machine.
@@ -40,11 +40,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chunk-elems", type=int, default=cpu_layout.CHUNK_ELEMS)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--dense-min-m", type=int, default=cpu.DENSE_MIN_M,
+                        help="rows from which chunks are dequantized to dense tiles (a huge "
+                             "value times the per-group GEMMs at every M)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu_layout.CHUNK_ELEMS = args.chunk_elems
+    cpu.DENSE_MIN_M = args.dense_min_m
     gen = torch.Generator().manual_seed(0)
-    print(f"threads={args.threads} chunk_elems={args.chunk_elems}\n")
+    print(f"threads={args.threads} chunk_elems={args.chunk_elems} "
+          f"dense_min_m={args.dense_min_m}\n")
     print("| dtype | out x in | M | sfmp us | dense us | sfmp/dense | resident bytes sfmp/dense |")
     print("|---|---|---|---|---|---|---|")
     for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
