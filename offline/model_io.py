@@ -135,45 +135,53 @@ def check_finite(model: nn.Module) -> None:
             raise SFMPError(f"weight {name} contains NaN or Inf")
 
 
-def load_model(model_dir: str | os.PathLike) -> LoadedModel:
-    """Load MODEL_DIR as a float32 causal LM; SFMPError for every unusable input."""
+def _checked_dir(model_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], ArchSpec]:
+    """(path, config.json, arch spec) of a causal LM directory, or SFMPError."""
     path = Path(model_dir)
     if not path.is_dir():
         raise SFMPError(f"{path}: model directory does not exist")
     hf_config = read_hf_config(path)
-    spec = check_causal_lm(path, hf_config)
+    return path, hf_config, check_causal_lm(path, hf_config)
+
+
+def _checked_act_dtype(path: Path, dtype: torch.dtype) -> torch.dtype:
+    if dtype not in ACT_DTYPES.values():
+        raise SFMPError(f"{path}: weights are {dtype}; expected float16, bfloat16 or float32")
+    return dtype
+
+
+def _cannot_load(path: Path, e: Exception) -> SFMPError:
+    return SFMPError(f"{path}: cannot load the model ({str(e).splitlines()[0]})")
+
+
+def load_model(model_dir: str | os.PathLike) -> LoadedModel:
+    """Load MODEL_DIR as a float32 causal LM; SFMPError for every unusable input."""
+    path, hf_config, spec = _checked_dir(model_dir)
     from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     except (OSError, ValueError, KeyError) as e:
-        raise SFMPError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from e
+        raise _cannot_load(path, e) from e
     orig_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     check_finite(model)
     linears, groups = find_linears(model, spec)
-    act_dtype = next(iter(linears.values())).weight.dtype
-    if act_dtype not in ACT_DTYPES.values():
-        raise SFMPError(f"{path}: weights are {act_dtype}; expected float16, bfloat16 or float32")
+    act_dtype = _checked_act_dtype(path, next(iter(linears.values())).weight.dtype)
     model = model.float().eval()
     log.info("loaded %s: %d decoder linears, weights in %s", path, len(linears), act_dtype)
     return LoadedModel(path, hf_config, spec, model, linears, groups, orig_dtypes, act_dtype)
 
 
 def load_streamed(model_dir: str | os.PathLike) -> LoadedModel:
-    """Like load_model, but only what lives outside the decoder layers is read into memory."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise SFMPError(f"{path}: model directory does not exist")
-    hf_config = read_hf_config(path)
-    spec = check_causal_lm(path, hf_config)
+    """Like load_model, but only what lives outside the decoder layers is read into memory
+    (their NaN/Inf check happens as each layer is read)."""
+    path, hf_config, spec = _checked_dir(model_dir)
     try:
         model, source = load_skeleton(path, spec)
     except (OSError, ValueError, KeyError) as e:
-        raise SFMPError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from e
+        raise _cannot_load(path, e) from e
     linears, groups = find_linears(model, spec)
     orig_dtypes = {k: source.dtype(k) for k in model.state_dict() if k in source}
-    act_dtype = orig_dtypes[f"{next(iter(linears))}.weight"]
-    if act_dtype not in ACT_DTYPES.values():
-        raise SFMPError(f"{path}: weights are {act_dtype}; expected float16, bfloat16 or float32")
+    act_dtype = _checked_act_dtype(path, orig_dtypes[f"{next(iter(linears))}.weight"])
     log.info("streaming %s: %d decoder linears, weights in %s, decoder layers read per use",
              path, len(linears), act_dtype)
     return LoadedModel(path, hf_config, spec, model, linears, groups, orig_dtypes, act_dtype,
