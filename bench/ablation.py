@@ -61,17 +61,19 @@ def random_block_sums(seed: int):
 UNIFORM = re.compile(r"uniform-(rtn|awq|gptq)-(\d)bit-g(\d+)(-float-offset)?")
 
 
-def float_offset_minmax(w, bits):
-    """rtn.minmax_quantize with the grid starting at min(w): zero = -min / s, not rounded."""
+def float_offset_params(wmin, wmax, maxq):
+    """blockwise.minmax_params with the grid starting at the group minimum: zero = -min / s,
+    not rounded, and the range not widened to contain 0."""
     import torch
-    maxq = 2.0 ** bits.to(torch.float32) - 1
-    lo, hi = w.min(dim=1).values, w.max(dim=1).values
-    scale = (hi - lo) / maxq
+    scale = (wmax - wmin) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = -lo / scale
-    codes = torch.minimum((torch.round(w / scale[:, None] + zero[:, None])).clamp(min=0),
-                          maxq[:, None])
-    return codes.to(torch.uint8), scale, zero
+    return scale, -wmin / scale
+
+
+def float_offset_codes(w, scale, zero, maxq):
+    """blockwise.quantize_codes for a float zero: round after adding it."""
+    import torch
+    return torch.minimum(torch.round(w / scale + zero).clamp_(min=0), maxq)
 
 
 def run_one(label: str, args: argparse.Namespace, code_bits: float, text: str) -> dict:
@@ -91,8 +93,11 @@ def run_one(label: str, args: argparse.Namespace, code_bits: float, text: str) -
         if uniform and uniform[4]:
             if method != "rtn":
                 raise SystemExit(f"{label}: -float-offset is an RTN ablation")
-            from offline.quantizers import rtn
-            stack.enter_context(mock.patch.object(rtn, "minmax_quantize", float_offset_minmax))
+            from offline.quantizers import blockwise
+            stack.enter_context(mock.patch.object(blockwise, "minmax_params",
+                                                  float_offset_params))
+            stack.enter_context(mock.patch.object(blockwise, "quantize_codes",
+                                                  float_offset_codes))
         if label == "no-reorder":
             stack.enter_context(mock.patch.object(pipeline, "salience_orders", identity_orders))
         elif label == "random-placement":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from offline.quantizers.base import LinearContext, row_group_bits
-from offline.quantizers.blockwise import dequantize_codes, quantize_minmax
+from offline.quantizers.blockwise import dequantize_codes
 from offline.quantizers.gptq import (GPTQQuantizer, gptq_quantize, hessian_from_inputs,
                                      inverse_cholesky)
 from offline.quantizers.rtn import RTNQuantizer
@@ -60,19 +60,6 @@ def test_gptq_with_a_diagonal_hessian_is_rtn():
     assert torch.equal(q.codes, ref.codes)
     torch.testing.assert_close(q.scale, ref.scale)
     assert torch.equal(q.zero, ref.zero)
-
-
-def test_blockwise_minmax_matches_rtn_quantizer():
-    torch.manual_seed(2)
-    w = torch.randn(N, K) + 0.3
-    w[3, :32] = 0.0  # an all-zero group
-    w[4, 32:64] = 0.7  # a constant positive group
-    bits = mixed_bits(2)
-    mine = quantize_minmax(w, bits, GEO)
-    ref = RTNQuantizer().quantize(w, bits, GEO, LinearContext())
-    assert torch.equal(mine.codes, ref.codes)
-    torch.testing.assert_close(mine.scale, ref.scale)
-    assert torch.equal(mine.zero, ref.zero)
 
 
 def test_hessian_is_two_xtx_over_n():

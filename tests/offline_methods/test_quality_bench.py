@@ -106,9 +106,14 @@ def test_ablation_swaps_change_only_what_they_name(ablation, tiny_llama):
 
 
 def test_float_offset_rtn_reproduces_a_q4_1_grid_that_integer_zero_rtn_does_not(ablation):
+    from unittest import mock
+
     import torch
 
-    from offline.quantizers.rtn import minmax_quantize
+    from offline.quantizers import blockwise
+    from offline.quantizers.base import LinearContext
+    from offline.quantizers.rtn import RTNQuantizer
+    from sfmp_serve.format import LayerGeometry
 
     gen = torch.Generator().manual_seed(0)
     d = torch.rand(64, 1, generator=gen) * 0.01 + 0.001
@@ -116,11 +121,15 @@ def test_float_offset_rtn_reproduces_a_q4_1_grid_that_integer_zero_rtn_does_not(
     q = torch.randint(0, 16, (64, 32), generator=gen)
     q[:, 0], q[:, 1] = 0, 15  # the block uses its whole range, as Q4_1 blocks do
     w = d * q + m
-    bits = torch.full((64,), 4)
+    geometry = LayerGeometry(64, 32, 32, 64)
+    bits = torch.full((1, 1), 4, dtype=torch.uint8)
 
-    def error(quantize):
-        codes, scale, zero = quantize(w, bits)
-        return ((codes.float() - zero[:, None]) * scale[:, None] - w).abs().max().item()
+    def error():
+        codes = RTNQuantizer().quantize(w, bits, geometry, LinearContext())
+        deq = (codes.codes.float() - codes.zero) * codes.scale
+        return (deq - w).abs().max().item()
 
-    assert error(ablation.float_offset_minmax) < 1e-6
-    assert error(minmax_quantize) > 1e-4
+    assert error() > 1e-4
+    with mock.patch.object(blockwise, "minmax_params", ablation.float_offset_params), \
+            mock.patch.object(blockwise, "quantize_codes", ablation.float_offset_codes):
+        assert error() < 1e-6
