@@ -42,9 +42,6 @@ class SafetensorsSource:
                     if stored in HEADER_DTYPES:
                         self._dtypes[key] = HEADER_DTYPES[stored]
 
-    def keys(self) -> list[str]:
-        return list(self._where)
-
     def __contains__(self, key: str) -> bool:
         return key in self._where
 

@@ -80,9 +80,9 @@ class SFMPLinear(nn.Module):
 class DequantizedLinear(nn.Module):
     """An SFMPLinear's weight dequantized once, in float32 and the original order.
 
-    The math of `sfmp_matmul` (float32 accumulation of the same weight values) without
-    rebuilding the weight in every call: for evaluation, where speed matters and memory does
-    not. Outputs match SFMPLinear's up to float32 summation order.
+    The math of the reference op `sfmp_matmul` (float32 accumulation of the same weight values)
+    without rebuilding the weight in every call: for evaluation, where speed matters and memory
+    does not. Outputs match the reference op's up to float32 summation order.
     """
 
     def __init__(self, linear: SFMPLinear) -> None:
