@@ -2,25 +2,30 @@
 
 The packed tensors are buffers named exactly like the checkpoint's (`<layer>.qweight`, ...), so
 `state_dict()` of a swapped model is the checkpoint's tensor set. No dense weight is kept:
-memory is the point of the format. On the CPU the forward runs the serving path's CPU op
-(sfmp_serve/ops/cpu.py, its layout built on first use: the packed bytes regrouped, about as
-large again as the buffers); elsewhere the plain-torch reference op. `DequantizedLinear` is the
-evaluation form: the same weights dequantized once.
+memory is the point of the format. The forward runs the serving path's op backend for the
+input's device (ops/api.py: the compiled CPU kernels, the CUDA kernels, or their fallbacks),
+its runtime layout built on first use and kept beside the buffers (the packed planes regrouped,
+about as large again); where no backend applies (float64, other devices) the plain-torch
+reference op. `DequantizedLinear` is the evaluation form: the same weights dequantized once.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfmp_serve.errors import FormatError
+from sfmp_serve.errors import FormatError, SFMPError
 from sfmp_serve.format import TENSOR_SUFFIXES, PackedLinear, SFMPConfig
+from sfmp_serve.ops import api
 from sfmp_serve.ops.reference import dequantize, sfmp_linear_reference
+from sfmp_serve.ops.runtime import fuse_shards
 
 
-# Activation dtypes the CPU op is built for; anything else (float64) takes the reference op.
-_CPU_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Activation dtypes the op backends are built for; anything else (float64) takes the reference op.
+_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def sfmp_matmul(x: torch.Tensor, packed: PackedLinear, config: SFMPConfig) -> torch.Tensor:
@@ -49,27 +54,32 @@ class SFMPLinear(nn.Module):
         return PackedLinear(**{s: getattr(self, s) for s in TENSOR_SUFFIXES}, bias=self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and self.qweight.device.type == "cpu"
-                and x.dtype in _CPU_OP_DTYPES):
-            return self._cpu_forward(x)
-        return sfmp_matmul(x, self.packed(), self.config)
-
-    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from sfmp_serve.ops import cpu
-        from sfmp_serve.ops.runtime import fuse_shards
-
-        # Built lazily and kept outside the buffers: state_dict() stays the checkpoint's, and
-        # the layout is rebuilt if the buffers were replaced (load_state_dict, .to()).
-        key = (self.qweight.data_ptr(), self.alpha.data_ptr(), x.dtype)
-        if getattr(self, "_cpu_key", None) != key:
-            packed = self.packed()
-            fused = fuse_shards("hf", ("hf",), (packed,), self.config, x.dtype, "cpu")
-            self._cpu_state, self._cpu_key = cpu.prepare(fused), key
-        x2 = x.reshape(-1, self.in_features)
-        y = cpu.apply(x2, self._cpu_state)
+        op = self._op_for(x)
+        if op is None:
+            return sfmp_matmul(x, self.packed(), self.config)
+        backend, state = op
+        y = backend.apply(x.reshape(-1, self.in_features), state)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _op_for(self, x: torch.Tensor) -> tuple[Any, Any] | None:
+        """(backend, runtime state) of the serving op for x, built on first use; None when no
+        backend applies. Kept outside the buffers, so state_dict() stays the checkpoint's, and
+        rebuilt when the buffers were replaced (load_state_dict, .to())."""
+        key = (self.qweight.data_ptr(), self.alpha.data_ptr(), x.dtype, x.device)
+        if getattr(self, "_op_key", None) != key:
+            self._op_key, self._op = key, None
+            if x.dtype in _OP_DTYPES and x.device == self.qweight.device:
+                fused = fuse_shards("hf", ("hf",), (self.packed(),), self.config, x.dtype,
+                                    x.device)
+                try:
+                    backend = api.select_backend(fused.spec)
+                except SFMPError:
+                    backend = None  # no backend for this device: the reference op
+                if backend is not None:
+                    self._op = (backend, backend.prepare(fused))
+        return self._op
 
     def extra_repr(self) -> str:
         bits = self.block_bits.to(torch.float64)

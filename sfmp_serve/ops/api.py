@@ -1,7 +1,8 @@
 """The SFMP op API: one torch custom op, a backend registry, and a registry of prepared layers.
 
-Contract for backends (the CPU path in ops/cpu.py; the CUDA path in ops/cuda/ plugs in the same
-way, by calling `register_backend` when its module is imported):
+Contract for backends (on the CPU the compiled kernels in ops/cpu_native/ and the plain-torch
+fallback in ops/cpu_torch.py; on NVIDIA GPUs ops/cuda/; each registers itself with
+`register_backend` when its module is imported):
 
     class Backend(Protocol):
         name: str
@@ -43,7 +44,8 @@ logger = logging.getLogger(__name__)
 # Calls with at most this many rows (tokens) count as decode; larger ones as prefill.
 DECODE_MAX_M = 16
 # Modules imported on first use of a device type, so their backends register themselves.
-_BUILTIN_BACKEND_MODULES = {"cpu": "sfmp_serve.ops.cpu", "cuda": "sfmp_serve.ops.cuda"}
+_BUILTIN_BACKEND_MODULES = {"cpu": ("sfmp_serve.ops.cpu_native", "sfmp_serve.ops.cpu_torch"),
+                            "cuda": ("sfmp_serve.ops.cuda",)}
 
 
 class PreparedLayer(Protocol):
@@ -80,6 +82,7 @@ class _Entry:
 
 _BACKENDS: dict[str, list[tuple[int, Backend]]] = {}
 _IMPORT_ERRORS: dict[str, str] = {}  # device type -> why its built-in backend module failed
+_IMPORTED: set[str] = set()  # built-in backend modules already imported (or tried)
 _LAYERS: dict[str, _Entry] = {}
 
 
@@ -92,8 +95,10 @@ def register_backend(backend: Backend, priority: int = 0) -> None:
 
 
 def backends_for(device_type: str) -> list[Backend]:
-    if device_type not in _BACKENDS and device_type in _BUILTIN_BACKEND_MODULES:
-        module = _BUILTIN_BACKEND_MODULES[device_type]
+    for module in _BUILTIN_BACKEND_MODULES.get(device_type, ()):
+        if module in _IMPORTED:
+            continue
+        _IMPORTED.add(module)
         try:
             importlib.import_module(module)
         except ImportError as e:  # not in this build, or a dependency (e.g. cupy) is missing

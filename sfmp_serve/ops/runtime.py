@@ -5,7 +5,7 @@ the shards' outputs concatenated. SFMP shards of such a group share one input or
 offline pipeline reorders their columns together), so the fused layer needs ONE input gather
 and, after the concatenated reordered output, ONE composed output gather. This module builds
 that description, checks the shards agree, and names the layer and tensor when they do not.
-Backends (ops/cpu.py, ops/cuda/) turn it into their own runtime state.
+Backends (ops/cpu_native/, ops/cpu_torch.py, ops/cuda/) turn it into their own runtime state.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The CPU path of sfmp::linear against the reference op (the oracle), and the op API."""
+"""The plain-torch CPU path of sfmp::linear against the reference op (the oracle), and the op API.
+
+Every test here runs with SFMP_CPU_KERNEL=torch, so the op takes the plain-torch backend (the
+fallback of the compiled kernels, tested in test_cpu_native.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,15 @@ import torch
 from prometheus_client import REGISTRY
 
 from sfmp_serve.errors import FormatError, SFMPError
-from sfmp_serve.ops import api, cpu, cpu_layout
+from sfmp_serve.ops import api, cpu_torch, cpu_torch_layout
 from sfmp_serve.ops.reference import sfmp_linear_reference
 from sfmp_serve.ops.runtime import LayerSpec
 from tests.serving.packed import random_packed, sfmp_config
+
+@pytest.fixture(autouse=True)
+def plain_torch_backend(monkeypatch):
+    monkeypatch.setenv("SFMP_CPU_KERNEL", "torch")
+
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # (shard out_features, in_features, group_size, block_rows): ragged rows and groups,
@@ -53,8 +61,9 @@ def _rel_err(y, ref):
 def test_matches_reference(shape, bits, dtype):
     config, names, shards = _layer(*shape, bits, dtype)
     handle = api.prepare_layer("test.layer", names, shards, config, dtype, "cpu")
+    assert handle.backend == "cpu-torch"
     gen = torch.Generator().manual_seed(1)
-    for m in (1, 2, 7, 33, cpu.DENSE_MIN_M):  # decode, batched LUT-free GEMMs, dense prefill
+    for m in (1, 2, 7, 33, cpu_torch.DENSE_MIN_M):  # decode, batched LUT-free GEMMs, dense prefill
         x = torch.randn(m, shape[1], generator=gen).to(dtype)
         y = api.linear(x, handle)
         assert y.dtype == dtype and y.shape == (m, handle.out_features)
@@ -73,11 +82,11 @@ def test_lut_reference_agrees_on_a_fused_layer():
 def test_small_chunks_split_block_rows(monkeypatch):
     """Chunks smaller than a block-row: tiles split rows and chunks hold several tiles."""
     config, names, shards = _layer((150, 64), 96, 32, 64, (2, 3, 4), torch.float32)
-    for m in (5, cpu.DENSE_MIN_M + 3):  # per-group GEMMs, and dense tiles
+    for m in (5, cpu_torch.DENSE_MIN_M + 3):  # per-group GEMMs, and dense tiles
         x = torch.randn(m, 96)
         reference = _reference(x, shards, config)
         for elems in (96 * 20, 96 * 70, 96 * 400):
-            monkeypatch.setattr(cpu_layout, "CHUNK_ELEMS", elems)
+            monkeypatch.setattr(cpu_torch_layout, "CHUNK_ELEMS", elems)
             handle = api.prepare_layer("test.chunks", names, shards, config, torch.float32,
                                        "cpu")
             assert _rel_err(api.linear(x, handle), reference) < 1e-5, (m, elems)
@@ -149,4 +158,4 @@ def test_unprepared_layer_and_missing_backend_are_clear_errors():
     with pytest.raises(SFMPError, match="layer test.meta: no SFMP backend for device 'meta'"):
         api.select_backend(spec)
     spec = LayerSpec("test.cuda", 8, (4,), 8, 4, (2,), torch.float32, "cuda")
-    assert not cpu.CpuBackend().can_implement(spec)[0]
+    assert not cpu_torch.TorchCpuBackend().can_implement(spec)[0]

@@ -1,4 +1,6 @@
-"""CPU path of the SFMP op in plain torch; weights stay packed, tiles are decoded per call.
+"""Plain-torch CPU path of the SFMP op: the fallback where the compiled kernels (ops/cpu_native)
+cannot be built (no C++ compiler, not x86-64) or are turned off (SFMP_CPU_KERNEL=torch).
+Weights stay packed, tiles are decoded per call.
 
 Per call, per chunk of rows (sized so a chunk's decoded tile stays in L2):
 1. Decode every block's codes from its sign planes with table lookups, straight into int8:
@@ -13,7 +15,7 @@ Per call, per chunk of rows (sized so a chunk's decoded tile stays in L2):
        w = alpha (2q - (2^b - 1)) + beta = (2 alpha) t + (alpha + beta).
 3. Sum the blocks of each row tile, add xsum_g @ (alpha + beta) per group, gather the rows.
 Everything static (plane bytes regrouped plane-major, block order, scales, both gathers) is
-built once at load by ops/cpu_layout.py; a decoded tile lives for one chunk only.
+built once at load by ops/cpu_torch_layout.py; a decoded tile lives for one chunk only.
 
 Dispatch by batch size: the block GEMMs run in float32, except for bfloat16 inputs with more
 than DECODE_MAX_M rows, where a bf16 GEMM is ~4x faster on AVX512-BF16 CPUs and exact in its
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sfmp_serve.ops import api
-from sfmp_serve.ops.cpu_layout import Chunk, CpuLayer, WidthClass, build
+from sfmp_serve.ops.cpu_torch_layout import Chunk, CpuLayer, WidthClass, build
 from sfmp_serve.ops.runtime import FusedLayer, LayerSpec
 
 _F32 = torch.float32
@@ -164,8 +166,8 @@ def prepare(layer: FusedLayer) -> CpuLayer:
     return build(layer)
 
 
-class CpuBackend:
-    """Plain-torch backend for any layer on the CPU."""
+class TorchCpuBackend:
+    """Plain-torch backend for any layer on the CPU (the lowest-priority CPU backend)."""
 
     name = "cpu-torch"
     device_type = "cpu"
@@ -184,4 +186,4 @@ class CpuBackend:
         return apply(x, state)
 
 
-api.register_backend(CpuBackend())
+api.register_backend(TorchCpuBackend())

@@ -1,4 +1,4 @@
-"""Runtime layout of the CPU path (ops/cpu.py), built once per layer from the canonical format.
+"""Runtime layout of the plain-torch CPU path (ops/cpu_torch.py), built once per layer from the canonical format.
 
 The output rows of a (fused) layer are cut into tiles of equal height (block-rows, or equal
 parts of them), the tiles into chunks of about CHUNK_ELEMS weights. Inside a chunk, the blocks
