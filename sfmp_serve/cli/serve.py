@@ -8,6 +8,12 @@ the server's /metrics, next to vLLM's own), then runs
 SIGTERM and SIGHUP are passed on to it, its exit status is this command's, and the metrics
 directory it made is removed when vLLM exits (an exec could not clean up after itself).
 Options it does not know go to vLLM unchanged, e.g. --max-model-len 2048 --dtype bfloat16.
+
+On the CPU build of vLLM, when nothing sizes the KV cache (--kv-cache-memory-bytes,
+--gpu-memory-utilization, VLLM_CPU_KVCACHE_SPACE), it passes --kv-cache-memory-bytes with a
+quarter of the memory the OS reports available, at most 4 GiB: vLLM's own default reserves a
+fixed fraction of the node's memory and refuses to start when free memory (page cache not
+counted) is below it, which on a machine that has read a few files is most of the time.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 # vLLM options this command sets itself.
 _OWN_OPTIONS = ("--model", "--quantization", "-q")
 _TP_OPTIONS = ("--tensor-parallel-size", "-tp")
+# vLLM options (and the legacy variable) that size the CPU KV cache.
+_KV_OPTIONS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+KV_CACHE_FRACTION = 0.25  # of the memory available at start-up
+KV_CACHE_MAX_BYTES = 4 << 30
+KV_CACHE_MIN_BYTES = 256 << 20
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,6 +95,26 @@ def check_checkpoint(path: str) -> None:
                 ckpt.config.bits_per_weight)
 
 
+def available_memory() -> int:
+    """Bytes the OS could give a new allocation now (page cache counts as available)."""
+    import psutil  # a dependency of vLLM
+    return int(psutil.virtual_memory().available)
+
+
+def kv_cache_args(extra: list[str], env: dict[str, str]) -> list[str]:
+    """`--kv-cache-memory-bytes N` for vLLM's CPU platform when the user sized nothing."""
+    import torch
+
+    sized = any(arg.partition("=")[0] in _KV_OPTIONS for arg in extra) or env.get(_KV_ENV)
+    if sized or torch.cuda.is_available():
+        return []
+    available = available_memory()
+    size = max(KV_CACHE_MIN_BYTES, min(KV_CACHE_MAX_BYTES, int(available * KV_CACHE_FRACTION)))
+    logger.info("KV cache: %.2f GiB (a quarter of the %.1f GiB available, at most 4 GiB; "
+                "--kv-cache-memory-bytes sets it)", size / 2**30, available / 2**30)
+    return ["--kv-cache-memory-bytes", str(size)]
+
+
 def metrics_dir(env: dict[str, str]) -> str:
     """PROMETHEUS_MULTIPROC_DIR: the caller's (created if missing) or a fresh temp dir."""
     given = env.get("PROMETHEUS_MULTIPROC_DIR")
@@ -129,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     own_metrics_dir = not env.get("PROMETHEUS_MULTIPROC_DIR")
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(env)
-    command = vllm_command(args.checkpoint, host, port, extra)
+    command = vllm_command(args.checkpoint, host, port, extra + kv_cache_args(extra, env))
     logger.info("PROMETHEUS_MULTIPROC_DIR=%s; running %s", env["PROMETHEUS_MULTIPROC_DIR"],
                 " ".join(command))
     try:

@@ -53,12 +53,14 @@ def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("observability")
     ckpt, avg_bits, bpw = _checkpoint(workdir)
     port = free_port()
-    # `sfmp serve` makes its own fresh metrics dir; --enforce-eager skips torch.compile's
-    # warm-up (tens of seconds here), and the metrics do not depend on it.
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    # `sfmp serve` makes its own fresh metrics dir and, given no KV-cache size, picks one that
+    # fits this machine; --enforce-eager skips torch.compile's warm-up (tens of seconds
+    # here), and the metrics do not depend on it.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PROMETHEUS_MULTIPROC_DIR", "VLLM_CPU_KVCACHE_SPACE")}
     server = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", str(ckpt),
                    "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-                   "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager"],
+                   "--enforce-eager"],
                   workdir / "server.log", env=env)
     procs = [server]
     try:

@@ -44,13 +44,38 @@ def test_runs_vllm_with_sfmp_and_passes_unknown_options(monkeypatch, checkpoint,
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the fresh dir lands here
     args, env, listing = _run_args(monkeypatch, [str(checkpoint), "--max-model-len", "256",
-                                                 "--port", "9123", "--dtype=float32"])
+                                                 "--port", "9123", "--dtype=float32",
+                                                 "--kv-cache-memory-bytes=1000000"])
     assert args == [sys.executable, "-m", serve.VLLM_SERVER, "--model", str(checkpoint),
                     "--quantization", "sfmp", "--host", "127.0.0.1", "--port", "9123",
-                    "--max-model-len", "256", "--dtype=float32"]
+                    "--max-model-len", "256", "--dtype=float32",
+                    "--kv-cache-memory-bytes=1000000"]
     metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]
     assert metrics_dir.startswith(str(tmp_path)) and listing == []  # fresh and empty
     assert not os.path.exists(metrics_dir)  # removed once vLLM is gone
+
+
+@pytest.mark.parametrize("available, expected", [
+    (64 << 30, 4 << 30),  # a quarter, at most 4 GiB
+    (6 << 30, 1536 << 20),
+    (512 << 20, 256 << 20),  # at least 256 MiB: vLLM then says if max-model-len does not fit
+])
+def test_sizes_the_cpu_kv_cache_when_nothing_does(monkeypatch, checkpoint, available, expected):
+    monkeypatch.delenv(serve._KV_ENV, raising=False)
+    monkeypatch.setattr(serve, "available_memory", lambda: available)
+    args, _, _ = _run_args(monkeypatch, [str(checkpoint)])
+    assert args[-2:] == ["--kv-cache-memory-bytes", str(expected)]
+
+
+@pytest.mark.parametrize("given", [["--gpu-memory-utilization", "0.3"],
+                                   ["--kv-cache-memory-bytes", "123456789"]])
+def test_leaves_the_kv_cache_to_the_user_when_sized(monkeypatch, checkpoint, given):
+    monkeypatch.delenv(serve._KV_ENV, raising=False)
+    args, _, _ = _run_args(monkeypatch, [str(checkpoint), *given])
+    assert args[-2:] == given and args.count("--kv-cache-memory-bytes") <= 1
+    monkeypatch.setenv(serve._KV_ENV, "2")  # vLLM's legacy variable sizes it too
+    args, _, _ = _run_args(monkeypatch, [str(checkpoint)])
+    assert "--kv-cache-memory-bytes" not in args
 
 
 def test_keeps_callers_metrics_dir(monkeypatch, checkpoint, tmp_path):
