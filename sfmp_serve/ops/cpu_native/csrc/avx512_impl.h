@@ -187,6 +187,14 @@ struct Bf16Path {
 };
 #endif
 
+// One decode step's worth of plane words, kPrefetchWords ahead: a single thread streaming
+// from DRAM needs its misses issued early to approach the read bandwidth (the hardware
+// prefetchers alone gave ~40% of it at M = 1).
+constexpr int kPrefetchWords = 1024;  // 4 KB ahead
+static inline void prefetch_planes(const uint32_t* pl, int words) {
+  for (int w = 0; w < words; w += 16) _mm_prefetch((const char*)(pl + kPrefetchWords + w), _MM_HINT_T0);
+}
+
 // acc[m] = sum over the group's pairs of codes . x[m] (before scales).
 template <class P, int MB, int NB>
 static inline void group_dot(const uint32_t* pl, int kp, const typename P::X* x, __m512 (&acc)[MB]) {
@@ -197,6 +205,7 @@ static inline void group_dot(const uint32_t* pl, int kp, const typename P::X* x,
   constexpr int XS = MB * P::kXPerPair;  // x slots per pair
   int k = 0;
   for (; k + STEP <= kp; k += STEP) {
+    prefetch_planes(pl + k * NB, STEP * NB);
 #pragma GCC unroll 8
     for (int j = 0; j < STEP; j += S) {
       __m512i codes[S];

@@ -51,6 +51,7 @@ static inline void decode_b(const uint32_t* pl, int pairs, __m512i* buf) {
 // Every B tile of one (tile, group), decoded once for all activation rows.
 template <int NB>
 static inline void decode_group(const uint32_t* pl, int kp, __m512i* buf) {
+  prefetch_planes(pl, kp * NB);
   for (int k0 = 0; k0 < kp; k0 += kPairsPerTile)
     decode_b<NB>(pl + k0 * NB, std::min(kPairsPerTile, kp - k0), buf + k0);
 }
