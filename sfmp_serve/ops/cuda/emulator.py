@@ -27,26 +27,55 @@ log = logging.getLogger(__name__)
 EMULATION_DEFINE = "SFMP_HOST_EMULATION"
 
 
-def build_library(nvcc: str | None = None, cache_dir: Path | None = None) -> Path:
-    """Compile kernels.cu for the host into a shared library (cached by source digest)."""
+def build_library(nvcc: str | None = None, cache_dir: Path | None = None,
+                  entry: Path = sources.ENTRY_FILE,
+                  headers: tuple[str, ...] = sources.HEADERS) -> Path:
+    """Compile an entry file (default kernels.cu) for the host into a shared library (cached by
+    source digest)."""
     nvcc = nvcc or shutil.which("nvcc")
     if nvcc is None:
         raise SFMPError("the CUDA host emulator needs nvcc on the PATH")
     cache_dir = cache_dir or Path(tempfile.gettempdir()) / f"sfmp-emulator-{os.getuid()}"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    digest = sources.source_digest(" ".join(sources.compile_options((EMULATION_DEFINE,))))
-    lib = cache_dir / f"sfmp_kernels_host_{digest}.so"
+    digest = sources.source_digest(" ".join(sources.compile_options((EMULATION_DEFINE,))),
+                                   entry, headers)
+    lib = cache_dir / f"{entry.stem}_host_{digest}.so"
     if lib.is_file():
         return lib
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
     cmd = [nvcc, *sources.compile_options((EMULATION_DEFINE,)), "-O2", "-shared",
-           "-Xcompiler", "-fPIC", "-o", str(tmp), str(sources.ENTRY_FILE)]
+           "-Xcompiler", "-fPIC", "-o", str(tmp), str(entry)]
     log.info("building the CUDA host emulator: %s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SFMPError(f"nvcc failed building the host emulator:\n{done.stderr}")
     os.replace(tmp, lib)
     return lib
+
+
+class MmaDecodeHost:
+    """The decode helpers of mma_decode.cuh built for the host: the same C++ the kernels run
+    (lop3 immediates, masks, rotations, magic numbers), without the mma itself."""
+
+    def __init__(self, library: Path | None = None):
+        self._lib = ctypes.CDLL(str(library or build_library(
+            entry=sources.MMA_ENTRY_FILE, headers=sources.MMA_HEADERS)))
+        self._lib.sfmp_mma_decode_chunk.restype = ctypes.c_int
+        self._lib.sfmp_mma_decode_chunk.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                    ctypes.c_void_p]
+
+    def decode_chunk(self, words: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+        """Plane words int32 [bits, 32 lanes] of one (tile, chunk) -> the decoded codes as
+        fp16/bf16 [16 rows, 64 inputs], placed by the A-fragment map."""
+        words = words.to(torch.int32).contiguous()
+        if words.shape != (bits, 32):
+            raise ValueError(f"decode_chunk: words {tuple(words.shape)}, expected ({bits}, 32)")
+        out = torch.zeros(16, 64, dtype=torch.int16)
+        rc = self._lib.sfmp_mma_decode_chunk(words.data_ptr(), bits,
+                                             int(dtype == torch.bfloat16), out.data_ptr())
+        if rc != 0:
+            raise ValueError(f"decode_chunk: bit-width {bits} is not in 1..8")
+        return out.view(dtype)
 
 
 class EmulatorRunner:

@@ -28,7 +28,7 @@ class Launch:
 
     def check(self) -> None:
         """Arguments against the entry point's parameter list (kinds and count)."""
-        params = sources.kernel_params()[self.kernel]
+        params = sources.all_kernel_params()[self.kernel]
         if len(params) != len(self.args):
             raise ValueError(f"{self.kernel}: {len(self.args)} arguments for {len(params)} "
                              "parameters")

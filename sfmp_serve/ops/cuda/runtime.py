@@ -66,9 +66,34 @@ class CupyRunner:
                         kernel = self._kernels[sources.lut_kernel(dtype, mb)]
                         kernel.max_dynamic_shared_size_bytes = lut_smem_bytes(mb)
         self._module = module
+        self._mma_module = None
         self._streams: dict[int, object] = {}
         log.info("SFMP CUDA kernels ready on GPU %d (%s, %d SMs)", self.device_index,
                  props.name, self.multiprocessors)
+
+    def load_mma(self) -> None:
+        """Compile and load the tensor-core kernels (mma_kernels.cu) once, at load time: they
+        are a module of their own, so the default LUT kernels never pay for compiling them."""
+        if self._mma_module is not None:
+            return
+        with _LOCK, self._cupy.cuda.Device(self.device_index):
+            if self._mma_module is not None:
+                return
+            log.info("loading the SFMP tensor-core kernels on GPU %d", self.device_index)
+            module = self._cupy.RawModule(code=sources.read_mma_source(),
+                                          options=sources.compile_options(), jitify=False)
+            kernels = {name: module.get_function(name) for name in sources.mma_kernel_params()}
+            for name, kernel in kernels.items():
+                log.debug("%s: %d registers, %d bytes local memory", name, kernel.num_regs,
+                          kernel.local_size_bytes)
+            self._kernels.update(kernels)
+            self._mma_module = module
+
+    def kernel_attributes(self) -> dict[str, dict[str, int]]:
+        """Registers, local memory and static shared memory of every loaded kernel, as NVRTC
+        compiled them on this GPU (the GPU check records them)."""
+        return {name: dict(registers=k.num_regs, local_bytes=k.local_size_bytes,
+                           shared_bytes=k.shared_size_bytes) for name, k in self._kernels.items()}
 
     def _stream(self):
         ptr = torch.cuda.current_stream(self.device_index).cuda_stream
@@ -80,7 +105,7 @@ class CupyRunner:
 
     def launch(self, launch: Launch) -> None:
         args = []
-        for (_, kind), value in zip(sources.kernel_params()[launch.kernel], launch.args,
+        for (_, kind), value in zip(sources.all_kernel_params()[launch.kernel], launch.args,
                                     strict=True):
             if kind == "p":
                 args.append(0 if value is None else value.data_ptr())  # int64 by value
