@@ -1,29 +1,34 @@
-"""The SFMP checkpoint format, version 1: the one module that reads, writes and validates it.
+"""The SFMP checkpoint format, version 2: the one module that reads, writes and validates it.
 
 docs/format.md is the specification in prose; this module is the same specification in code.
 Offline code writes checkpoints only through `write_checkpoint`; serving code reads them only
 through `load_checkpoint` / `PackedLinear.from_tensors`, and every tensor is validated here.
+Version 2 adds a checksum of every tensor (sfmp_serve/weights_file.py); version 1 checkpoints
+are still read, with a warning that corruption cannot be detected in them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from sfmp_serve.atomic_dir import atomic_directory
 from sfmp_serve.errors import FormatError, SFMPError
+from sfmp_serve.weights_file import read_weights, write_weights
+
+log = logging.getLogger(__name__)
 
 QUANT_METHOD = "sfmp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what write_checkpoint writes
+READABLE_VERSIONS = (1, 2)  # 1: the same, without checksums
 WORD_BITS = 32
 MAX_BITS = 8
 ACT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -31,6 +36,11 @@ ACT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": t
 TENSOR_SUFFIXES = ("qweight", "alpha", "beta", "block_bits", "block_offsets", "input_perm",
                    "output_perm")
 WEIGHTS_FILE = "model.safetensors"
+# Header metadata of the weights file (weights_file.py adds the checksums).
+WEIGHTS_METADATA = {"format": "pt", "sfmp_format_version": str(FORMAT_VERSION)}
+# avg_bits / bits_per_weight are written rounded to 6 decimals; a larger difference from what
+# the tensors give means the config was edited (or belongs to other tensors).
+BITS_TOLERANCE = 2e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,9 +71,10 @@ class SFMPConfig:
 
         if self.quant_method != QUANT_METHOD:
             raise bad("quant_method", self.quant_method, f"expected '{QUANT_METHOD}'")
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_VERSIONS:
             raise bad("format_version", self.format_version,
-                      f"unknown format version (this sfmp-serve reads {FORMAT_VERSION})")
+                      f"unknown format version (this sfmp-serve reads "
+                      f"{', '.join(map(str, READABLE_VERSIONS))})")
         for key in ("group_size", "block_rows"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
@@ -74,9 +85,15 @@ class SFMPConfig:
             raise bad("bit_choices", self.bit_choices, f"each must be in 1..{MAX_BITS}")
         if self.act_dtype not in ACT_DTYPES:
             raise bad("act_dtype", self.act_dtype, f"expected one of {sorted(ACT_DTYPES)}")
+        twice = sorted({m for m in self.quantized_modules if self.quantized_modules.count(m) > 1})
+        if twice:
+            raise bad("quantized_modules", twice[0], "listed more than once")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SFMPConfig":
+        if not isinstance(data, Mapping):
+            raise FormatError(f"quantization_config: expected a JSON object, got "
+                              f"{type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -86,6 +103,10 @@ class SFMPConfig:
                                      "input_groups") if k not in data)
         if missing:
             raise FormatError(f"quantization_config: missing key(s) {missing}")
+        for key, value in data.items():
+            check, want = _SCHEMA[key]
+            if not check(value):
+                raise FormatError(f"quantization_config.{key}={value!r}: must be {want}")
         values = dict(data)
         values["bit_choices"] = tuple(int(b) for b in values["bit_choices"])
         values["quantized_modules"] = tuple(values["quantized_modules"])
@@ -102,6 +123,43 @@ class SFMPConfig:
     @property
     def torch_act_dtype(self) -> torch.dtype:
         return ACT_DTYPES[self.act_dtype]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_list(v: Any, item: Callable[[Any], bool]) -> bool:
+    return isinstance(v, (list, tuple)) and all(item(x) for x in v)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+# JSON type of every quantization_config key: a wrong one is named instead of surfacing later
+# as a TypeError (or, for a string where a list belongs, as a list of its characters).
+_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "quant_method": (_is_str, "a string"),
+    "format_version": (_is_int, "an integer"),
+    "group_size": (_is_int, "an integer"),
+    "block_rows": (_is_int, "an integer"),
+    "bit_choices": (lambda v: _is_list(v, _is_int), "a list of integers"),
+    "target_bits": (lambda v: v is None or _is_number(v), "a number or null"),
+    "avg_bits": (_is_number, "a number"),
+    "bits_per_weight": (_is_number, "a number"),
+    "act_dtype": (_is_str, "a string"),
+    "quantized_modules": (lambda v: _is_list(v, _is_str), "a list of module names"),
+    "input_groups": (lambda v: _is_list(v, lambda g: _is_list(g, _is_str)),
+                     "a list of lists of module names"),
+    "method": (_is_str, "a string"),
+    "method_args": (lambda v: isinstance(v, Mapping), "a JSON object"),
+    "calibration": (lambda v: isinstance(v, Mapping), "a JSON object"),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +273,12 @@ class PackedLinear:
         return 8 * sum(t.numel() * t.element_size() for t in
                        (getattr(self, s) for s in TENSOR_SUFFIXES))
 
+    def code_bits(self, config: SFMPConfig) -> int:
+        """Sum over blocks of bit-width x weights in the block (ragged edges at true size)."""
+        geo = self.geometry(config)
+        sizes = geo.rows()[:, None] * geo.cols()[None, :]
+        return int((self.block_bits.to("cpu", torch.int64) * sizes).sum())
+
     def validate(self, name: str, config: SFMPConfig,
                  shape: tuple[int, int] | None = None) -> None:
         """Check every tensor against the config; raise FormatError naming layer and tensor."""
@@ -262,6 +326,32 @@ class PackedLinear:
                                   f"[{n}, {k}] need {total}")
         if self.bias is not None and tuple(self.bias.shape) != (n,):
             raise fail("bias", f"shape {tuple(self.bias.shape)}, expected ({n},)")
+        if self.bias is not None and not torch.isfinite(self.bias).all():
+            raise fail("bias", "contains NaN or Inf")
+
+
+@dataclass(frozen=True)
+class BitStats:
+    """avg_bits and bits_per_weight as the tensors give them (never taken from the config)."""
+
+    weights: int
+    code_bits: int
+    stored_bits: int
+
+    @property
+    def avg_bits(self) -> float:
+        return self.code_bits / self.weights if self.weights else 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.stored_bits / self.weights if self.weights else 0.0
+
+    @classmethod
+    def of(cls, packed: Iterable[PackedLinear], config: SFMPConfig) -> "BitStats":
+        layers = list(packed)
+        return cls(sum(p.out_features * p.in_features for p in layers),
+                   sum(p.code_bits(config) for p in layers),
+                   sum(p.stored_bits() for p in layers))
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,18 +359,27 @@ class PackedLinear:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Checkpoint:
-    """An SFMP checkpoint on disk: HF config, SFMP config, and lazily opened tensors."""
+    """An SFMP checkpoint on disk: HF config, SFMP config, and its tensors."""
 
     path: Path
     hf_config: dict[str, Any]
     config: SFMPConfig
     tensors: dict[str, torch.Tensor]
+    files: dict[str, Path] = field(default_factory=dict)  # tensor name -> file holding it
 
     def packed(self, name: str) -> PackedLinear:
         return PackedLinear.from_tensors(name, self.tensors)
 
+    def bit_stats(self) -> BitStats:
+        return BitStats.of((self.packed(n) for n in self.config.quantized_modules), self.config)
+
+    def where(self, key: str) -> str:
+        """`file: tensor key` for error messages."""
+        return f"{self.files.get(key, self.path)}: tensor {key}"
+
     def validate(self, shapes: Mapping[str, tuple[int, int]] | None = None) -> None:
-        """Validate every quantized linear (optionally against the model's [out, in] shapes)."""
+        """Validate every quantized linear (optionally against the model's [out, in] shapes),
+        every other tensor's values, and the bit statistics the config states."""
         for name in self.config.quantized_modules:
             self.packed(name).validate(name, self.config, (shapes or {}).get(name))
         listed = set(self.config.quantized_modules)
@@ -289,50 +388,86 @@ class Checkpoint:
         if orphans:
             raise FormatError(f"tensor {orphans[0]}: belongs to no layer listed in "
                               "quantization_config.quantized_modules")
+        for key, tensor in self.tensors.items():
+            owner, _, suffix = key.rpartition(".")
+            if owner in listed and suffix in TENSOR_SUFFIXES:
+                continue  # alpha/beta checked by PackedLinear.validate; the rest is integer
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise FormatError(f"{self.where(key)}: contains NaN or Inf")
+        stats = self.bit_stats()
+        for key, actual in (("avg_bits", stats.avg_bits),
+                            ("bits_per_weight", stats.bits_per_weight)):
+            stated = getattr(self.config, key)
+            if not abs(stated - actual) <= BITS_TOLERANCE:  # also refuses a stated NaN
+                raise FormatError(f"{self.path / 'config.json'}: quantization_config.{key}="
+                                  f"{stated!r}, but the tensors give {actual:.6f}")
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a model directory as a dict; SFMPError naming the file otherwise."""
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise SFMPError(f"{path}: not a model directory (no config.json)")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SFMPError(f"{cfg_file}: invalid JSON ({e})") from e
+    except OSError as e:
+        raise SFMPError(f"{cfg_file}: cannot read ({e.strerror or e})") from e
+    if not isinstance(data, dict):
+        raise SFMPError(f"{cfg_file}: expected a JSON object, got {type(data).__name__}")
+    qc = data.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise FormatError(f"{cfg_file}: quantization_config must be a JSON object, got "
+                          f"{type(qc).__name__}")
+    return data
 
 
 def is_sfmp_checkpoint(path: str | os.PathLike) -> bool:
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
+    if not (Path(path) / "config.json").is_file():
         return False
-    qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+    qc = read_hf_config(path).get("quantization_config") or {}
     return qc.get("quant_method") == QUANT_METHOD
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of every *.safetensors file in a directory (safetensors only, never pickle)."""
+def read_safetensors(path: str | os.PathLike, version: int = FORMAT_VERSION,
+                     verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """(all tensors, tensor -> file) of every *.safetensors file in a directory (safetensors
+    only, never pickle). Version 2 files must record checksums; verify: compare every tensor
+    with its checksum."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise SFMPError(f"{path}: no *.safetensors files")
     tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    unchecked = []
     for f in files:
-        try:
-            with safe_open(f, framework="pt") as handle:
-                for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key)
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise FormatError(f"{f}: cannot read safetensors file ({e})") from e
-    return tensors
+        part, recorded = read_weights(f, required=version >= 2, verify=verify)
+        if not recorded:
+            unchecked.append(f.name)
+        for key, tensor in part.items():
+            if key in tensors:
+                raise FormatError(f"{f}: tensor {key}: also stored in {where[key]}")
+            tensors[key], where[key] = tensor, f
+    if unchecked:
+        log.warning("%s: format version %d records no checksums (%s): corruption after export "
+                    "cannot be detected; quantize again with this sfmp-serve to add them", path,
+                    version, ", ".join(unchecked))
+    return tensors, where
 
 
-def load_checkpoint(path: str | os.PathLike, validate: bool = True) -> Checkpoint:
-    """Read and (by default) fully validate an SFMP checkpoint directory."""
+def load_checkpoint(path: str | os.PathLike, validate: bool = True,
+                    verify: bool = True) -> Checkpoint:
+    """Read an SFMP checkpoint directory. validate: structure, values and bit statistics of
+    every tensor; verify: every tensor against its checksum (format version 2)."""
     hf_config = read_hf_config(path)
     qc = hf_config.get("quantization_config")
     if not qc or qc.get("quant_method") != QUANT_METHOD:
         raise SFMPError(f"{path}: not an SFMP checkpoint (config.json has no "
                         f"quantization_config with quant_method '{QUANT_METHOD}')")
-    ckpt = Checkpoint(Path(path), hf_config, SFMPConfig.from_dict(qc), read_safetensors(path))
+    config = SFMPConfig.from_dict(qc)
+    tensors, files = read_safetensors(path, config.format_version, verify)
+    ckpt = Checkpoint(Path(path), hf_config, config, tensors, files)
     if validate:
         ckpt.validate()
     return ckpt
@@ -342,17 +477,25 @@ def write_checkpoint(out_dir: str | os.PathLike, hf_config: Mapping[str, Any],
                      config: SFMPConfig, tensors: Mapping[str, torch.Tensor],
                      copy_files: Iterable[str | os.PathLike] = (),
                      overwrite: bool = False) -> Path:
-    """Write a checkpoint atomically: into a temporary sibling directory, renamed at the end.
+    """Validate and write a checkpoint (format version 2) atomically.
 
-    A crash or an exception leaves no partial output directory behind.
+    The checkpoint is validated first, as load_checkpoint would: nothing invalid is ever
+    written. avg_bits and bits_per_weight are recorded as the tensors give them, whatever
+    `config` says. The directory is assembled beside `out_dir` and renamed into place
+    (sfmp_serve.atomic_dir): a crash or an exception never leaves a partial checkpoint, and
+    `overwrite` keeps the old one at `out_dir` until the new one is complete.
     """
+    ckpt = Checkpoint(Path(out_dir), dict(hf_config), config, dict(tensors))
+    stats = ckpt.bit_stats()
+    ckpt.config = config = replace(config, format_version=FORMAT_VERSION,
+                                   avg_bits=round(stats.avg_bits, 6),
+                                   bits_per_weight=round(stats.bits_per_weight, 6))
+    ckpt.validate()
     with atomic_directory(out_dir, overwrite) as tmp:
         cfg = dict(hf_config)
         cfg["quantization_config"] = config.to_dict()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt", "sfmp_format_version": str(FORMAT_VERSION)})
+        write_weights(tmp / WEIGHTS_FILE, tensors, WEIGHTS_METADATA)
         for f in copy_files:
             shutil.copy2(f, tmp / Path(f).name)
     return Path(out_dir)
-

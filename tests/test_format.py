@@ -1,4 +1,7 @@
-"""SFMP format v1: round trip, and every mismatch between tensors and config names the tensor."""
+"""SFMP format: round trip, and every mismatch between tensors and config names the tensor.
+
+Checksums, version 1 and the bit statistics are in test_integrity.py.
+"""
 
 import json
 import os
@@ -9,7 +12,9 @@ import pytest
 import torch
 
 from sfmp_serve.errors import FormatError, SFMPError
-from sfmp_serve.format import (LayerGeometry, SFMPConfig, load_checkpoint, write_checkpoint)
+from sfmp_serve.format import (FORMAT_VERSION, BitStats, LayerGeometry, SFMPConfig,
+                               load_checkpoint, write_checkpoint)
+from tests.corrupt import edit_config, resigned_copy
 from tests.offline.helpers import make_config, random_packed
 
 NAME = "model.layers.0.mlp.down_proj"
@@ -32,7 +37,12 @@ def checkpoint(tmp_path):
 def test_round_trip(checkpoint):
     config, packed, write = checkpoint
     ckpt = load_checkpoint(write())
-    assert ckpt.config == config
+    stats = BitStats.of([packed], config)
+    # the bit statistics are recorded as the tensors give them, not as the caller said
+    assert (config.avg_bits, config.bits_per_weight) == (4.0, 5.0)
+    assert ckpt.config == replace(config, avg_bits=round(stats.avg_bits, 6),
+                                  bits_per_weight=round(stats.bits_per_weight, 6))
+    assert ckpt.config.format_version == FORMAT_VERSION == 2
     assert ckpt.hf_config["model_type"] == "llama"
     loaded = ckpt.packed(NAME)
     for key, tensor in packed.to_tensors(NAME).items():
@@ -54,24 +64,30 @@ def corrupt(packed, name, suffix, value):
     ("input_perm", lambda p: torch.zeros_like(p.input_perm), "not a permutation"),
     ("output_perm", lambda p: p.output_perm.to(torch.int64), "dtype"),
     ("beta", lambda p: torch.full_like(p.beta, float("nan")), "NaN"),
+    ("bias", lambda p: p.bias.index_fill(0, torch.tensor([3]), float("inf")), "NaN or Inf"),
 ])
-def test_mismatched_tensor_is_named(checkpoint, suffix, make, why):
+def test_mismatched_tensor_is_named(checkpoint, tmp_path, suffix, make, why):
     config, packed, write = checkpoint
-    path = write(corrupt(packed, NAME, suffix, make(packed)))
+    bad = corrupt(packed, NAME, suffix, make(packed))
+    with pytest.raises(FormatError, match=why):  # never written ...
+        write(bad, out="refused")
+    assert not (tmp_path / "refused").exists()
+    path = resigned_copy(write(), tmp_path / "bad",  # ... and refused when read
+                         lambda t: t.update({f"{NAME}.{suffix}": bad[f"{NAME}.{suffix}"]}))
     with pytest.raises(FormatError, match=why) as e:
         load_checkpoint(path)
     assert f"{NAME}.{suffix}" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_bits_outside_choices_and_missing_tensor(checkpoint):
+def test_bits_outside_choices_and_missing_tensor(checkpoint, tmp_path):
     config, packed, write = checkpoint
-    path = write(cfg=replace(config, bit_choices=(1, 2)), out="a")
+    path = write(out="a")
+    edit_config(path, bit_choices=[1, 2])
     with pytest.raises(FormatError, match=f"{NAME}.block_bits.*not in bit_choices"):
         load_checkpoint(path)
-    tensors = packed.to_tensors(NAME)
-    del tensors[f"{NAME}.alpha"]
+    path = resigned_copy(write(out="b"), tmp_path / "c", lambda t: t.pop(f"{NAME}.alpha"))
     with pytest.raises(FormatError, match=f"{NAME}.alpha"):
-        load_checkpoint(write(tensors, out="b"))
+        load_checkpoint(path)
 
 
 def test_shape_against_the_model(checkpoint):
@@ -80,15 +96,8 @@ def test_shape_against_the_model(checkpoint):
         packed.validate(NAME, config, (45, 37))
 
 
-def edit_config(path, **changes):
-    cfg_file = path / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["quantization_config"].update(changes)
-    cfg_file.write_text(json.dumps(cfg))
-
-
 @pytest.mark.parametrize("changes,match", [
-    ({"format_version": 2}, "format_version=2.*unknown format version"),
+    ({"format_version": 3}, "format_version=3.*unknown format version"),
     ({"group_sise": 16}, "unknown key"),
     ({"group_size": 12}, "multiple of 8"),
     ({"act_dtype": "float8"}, "act_dtype"),
@@ -103,10 +112,9 @@ def test_bad_quantization_config(checkpoint, changes, match):
 
 def test_orphan_tensor_and_not_sfmp(checkpoint, tmp_path):
     config, packed, write = checkpoint
-    tensors = {**packed.to_tensors(NAME),
-               **{k: v.clone() for k, v in packed.to_tensors("other").items()}}
+    others = {k: v.clone() for k, v in packed.to_tensors("other").items()}
     with pytest.raises(FormatError, match="other.qweight"):
-        load_checkpoint(write(tensors))
+        load_checkpoint(resigned_copy(write(), tmp_path / "bad", lambda t: t.update(others)))
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(SFMPError, match="not an SFMP checkpoint"):
@@ -119,11 +127,11 @@ def test_write_is_atomic_and_refuses_to_overwrite(checkpoint, tmp_path):
     with pytest.raises(SFMPError, match="exists"):
         write()
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(FileNotFoundError):  # a file to copy is missing: fails mid-write
+    with pytest.raises(SFMPError, match="new: cannot write.*missing.json"):
         write_checkpoint(tmp_path / "new", {}, config, packed.to_tensors(NAME),
-                         copy_files=[tmp_path / "missing.json"])
+                         copy_files=[tmp_path / "missing.json"])  # fails mid-write
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp dir
-    assert load_checkpoint(path).config == config
+    assert load_checkpoint(path).config.quantized_modules == (NAME,)
 
 
 def test_written_checkpoint_is_readable_by_others(checkpoint):

@@ -4,13 +4,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from sfmp_serve.errors import FormatError
-from sfmp_serve.format import WEIGHTS_FILE
 from sfmp_serve.hf import SFMPLinear, load_sfmp_model, quantize_in_memory
 from sfmp_serve.ops.reference import dequantize
+from tests.corrupt import resigned_copy
 from tests.hf.checkpoints import make_sfmp_checkpoint
 from tests.tiny import make_tiny_model
 
@@ -73,12 +72,8 @@ def test_bf16_checkpoint(tmp_path):
 
 
 def _corrupt(ckpt_path, tmp_path, edit):
-    bad = tmp_path / "bad"
-    shutil.copytree(ckpt_path, bad)
-    tensors = load_file(bad / WEIGHTS_FILE)
-    edit(tensors)
-    save_file(tensors, bad / WEIGHTS_FILE)
-    return bad
+    """Structural damage with valid checksums: what only the structural checks can catch."""
+    return resigned_copy(ckpt_path, tmp_path / "bad", edit)
 
 
 LAYER = "model.layers.1.self_attn.k_proj"

@@ -175,12 +175,12 @@ def test_existing_output_needs_overwrite(tmp_path, capsys, tiny_llama):
 
 
 def test_interrupt_while_writing_leaves_nothing(tmp_path, monkeypatch, capsys, tiny_llama):
-    import sfmp_serve.format as fmt
+    import sfmp_serve.weights_file as weights_file
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fmt, "save_file", interrupted)
+    monkeypatch.setattr(weights_file, "save_file", interrupted)
     assert quantize(tiny_llama, tmp_path / "out", "--bits", "3") == 130
     assert list(tmp_path.iterdir()) == []
 
