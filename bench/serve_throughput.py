@@ -1,15 +1,18 @@
-"""Serving benchmark: a dense model vs SFMP checkpoints on vLLM's OpenAI server, one at a time.
+"""Serving benchmark: a dense model vs SFMP checkpoints on vLLM's OpenAI server, side by side.
 
     .venv/bin/python bench/serve_throughput.py \\
         --model bf16=models/smollm2-bf16 \\
         --model "SFMP 3.5 BPW=runs/smollm2-w3.25" --model "SFMP 4.0 BPW=runs/smollm2-w3.75"
 
-For every model: start the server (`sfmp serve` for SFMP checkpoints, vLLM's server otherwise,
-PROMETHEUS_MULTIPROC_DIR fresh), stream random-token prompts at each concurrency (decode
-tokens/s per request = 1 / TPOT, aggregate output tokens/s, TTFT), read the worker's resident
-memory and the sfmp_quantized_weight_bytes gauge, compute perplexity through the server
-(echo + logprobs) and through transformers (sfmp_serve.hf for SFMP), stop the server. Prints a
-markdown table and writes everything as JSON (--out).
+Every server is started first (`sfmp serve` for SFMP checkpoints, vLLM's server otherwise,
+PROMETHEUS_MULTIPROC_DIR fresh, one port each) and stays up; then --repeats rounds each run
+the whole sweep against every server in turn, so all models see the same machine (on shared
+cores, load from elsewhere comes and goes). Each sweep streams random-token prompts at every
+concurrency (decode tokens/s per request = 1 / TPOT, aggregate output tokens/s, TTFT); the
+table gives the median over the rounds and the ratio of every model to the first. Also read:
+the worker's resident memory and the sfmp_quantized_weight_bytes gauge, perplexity through the
+server (echo + logprobs) and through transformers (sfmp_serve.hf for SFMP). Writes everything,
+every round included, as JSON (--out).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,32 +128,80 @@ def sfmp_gauge(url: str) -> float | None:
     return None
 
 
-def bench_model(label: str, model: str, args: argparse.Namespace, windows) -> dict:
-    log = Path(args.log_dir) / f"{label.replace(' ', '_').replace('/', '_')}.log"
-    server = Server(model, args.port, args.vllm_args, log)
+def median_levels(rounds: list[list[dict]]) -> list[dict]:
+    """Per concurrency, the median over rounds of the numbers the tables show."""
+    out = []
+    for levels in zip(*rounds):
+        out.append({"concurrency": levels[0]["concurrency"],
+                    "tpot_ms_mean": statistics.median(lv["tpot_ms_mean"] for lv in levels),
+                    "output_throughput": statistics.median(lv["output_throughput"]
+                                                           for lv in levels),
+                    "ttft_ms": {"p50": statistics.median(lv["ttft_ms"]["p50"] for lv in levels)},
+                    "errors": sum(lv["errors"] for lv in levels)})
+    return out
+
+
+def bench_models(models: list[list[str]], args: argparse.Namespace, windows) -> list[dict]:
+    servers: list[tuple[str, str, Server]] = []
+    results = []
     try:
-        startup = server.wait(args.start_timeout)
+        for i, (label, model) in enumerate(models):
+            log = Path(args.log_dir) / f"{label.replace(' ', '_').replace('/', '_')}.log"
+            print(f"== starting {label}: {model} (log {log})", file=sys.stderr, flush=True)
+            server = Server(model, args.port + i, args.vllm_args, log)
+            servers.append((label, model, server))
+            server.startup_s = server.wait(args.start_timeout)
         prompts = tuple(random_token_prompts(args.num_prompts, args.input_len, seed=0))
-        asyncio.run(run_sweep(BenchConfig(server.url, None, (1,), prompts[:1], 8,
-                                          args.input_len, label, progress=False)))  # warm-up
-        sweep = asyncio.run(run_sweep(BenchConfig(server.url, None, tuple(args.concurrency),
-                                                  prompts, args.output_len, args.input_len,
-                                                  label, progress=False)))
-        result = {"label": label, "model": model, "startup_s": startup,
-                  "levels": [lv.to_dict() for lv in sweep.levels],
-                  "worker_rss_bytes": server.worker_rss_bytes(),
-                  "sfmp_weight_bytes": sfmp_gauge(server.url)}
-        if windows:
-            result["ppl_server"] = server_perplexity(server.url, windows, args.ppl_seqlen,
-                                                     progress=False).ppl
+        for label, _, server in servers:  # warm-up
+            asyncio.run(run_sweep(BenchConfig(server.url, None, (1,), prompts[:1], 8,
+                                              args.input_len, label, progress=False)))
+        rounds: dict[str, list[list[dict]]] = {label: [] for label, _, _ in servers}
+        for r in range(args.repeats):
+            for label, _, server in servers:
+                sweep = asyncio.run(run_sweep(BenchConfig(
+                    server.url, None, tuple(args.concurrency), prompts, args.output_len,
+                    args.input_len, label, progress=False)))
+                rounds[label].append([lv.to_dict() for lv in sweep.levels])
+                print(f"round {r + 1}/{args.repeats} {label}: " + ", ".join(
+                    f"@{lv.concurrency} {lv.output_throughput:.1f} tok/s"
+                    for lv in sweep.levels) + f" (load {os.getloadavg()[0]:.2f})",
+                      file=sys.stderr, flush=True)
+        for label, model, server in servers:
+            result = {"label": label, "model": model, "startup_s": server.startup_s,
+                      "rounds": rounds[label], "levels": median_levels(rounds[label]),
+                      "worker_rss_bytes": server.worker_rss_bytes(),
+                      "sfmp_weight_bytes": sfmp_gauge(server.url)}
+            if windows:
+                result["ppl_server"] = server_perplexity(server.url, windows, args.ppl_seqlen,
+                                                         progress=False).ppl
+            results.append(result)
     finally:
-        server.stop()
-    result["dense_linear_bytes"] = (None if is_sfmp_checkpoint(model)
-                                    else linear_weight_bytes(model))
-    if windows and not args.no_hf_ppl:
-        hf_model, _ = load_model_and_tokenizer(model, dtype=torch.bfloat16)
-        result["ppl_hf"] = hf_perplexity(hf_model, windows, args.ppl_seqlen, progress=False).ppl
-    return result
+        for _, _, server in servers:
+            server.stop()
+    for result in results:
+        result["dense_linear_bytes"] = (None if is_sfmp_checkpoint(result["model"])
+                                        else linear_weight_bytes(result["model"]))
+        if windows and not args.no_hf_ppl:
+            hf_model, _ = load_model_and_tokenizer(result["model"], dtype=torch.bfloat16)
+            result["ppl_hf"] = hf_perplexity(hf_model, windows, args.ppl_seqlen,
+                                             progress=False).ppl
+    return results
+
+
+def ratio_table(results: list[dict]) -> str:
+    """Every model against the first, per concurrency (medians over the rounds)."""
+    base = {lv["concurrency"]: lv for lv in results[0]["levels"]}
+    lines = ["| model | concurrency | output tok/s | vs " + results[0]["label"]
+             + " | decode tok/s per request | vs " + results[0]["label"] + " |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        for lv in r["levels"]:
+            b = base[lv["concurrency"]]
+            lines.append(f"| {r['label']} | {lv['concurrency']} | {lv['output_throughput']:.1f} | "
+                         f"{lv['output_throughput'] / b['output_throughput']:.2f}x | "
+                         f"{1000 / lv['tpot_ms_mean']:.1f} | "
+                         f"{b['tpot_ms_mean'] / lv['tpot_ms_mean']:.2f}x |")
+    return "\n".join(lines)
 
 
 def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
@@ -185,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                        "-- --max-num-seqs 8")
     p.add_argument("--model", action="append", required=True, metavar="LABEL=DIR")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3, help="rounds over every server")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
@@ -212,14 +265,12 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(models[0][1])
         windows = tokenize_windows(tokenizer, read_text(args.ppl_text), args.ppl_seqlen,
                                    args.ppl_max_tokens)
-    results = []
-    for label, model in models:
-        print(f"== {label}: {model}", file=sys.stderr, flush=True)
-        results.append(bench_model(label, model, args, windows))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    results = bench_models(models, args, windows)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     print(table(results))
+    print()
+    print(ratio_table(results))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ case "$variant" in
     # and text models never need them.
     "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
     "${pip[@]}" -e ".[test]"
+    # Compile the CPU kernels now (about a minute), not at the first model load; without a
+    # C++ compiler the plain-torch path serves instead, several times slower.
+    "$py" -m sfmp_serve.ops.cpu_native.build \
+      || echo "warning: SFMP CPU kernels not built; the slower plain-torch path will serve" >&2
     ;;
   cuda)
     "${pip[@]}" -e ".[cuda,test]"

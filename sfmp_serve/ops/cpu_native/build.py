@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -88,3 +89,20 @@ def load() -> ModuleType:
                       and not line.startswith("Error building")), lines[0] if lines else repr(e))
         raise SFMPError(f"cannot build the SFMP CPU kernels in {build_dir}: {first} "
                         "(a C++17 compiler with OpenMP is needed)") from e
+
+
+def main() -> int:
+    """`python -m sfmp_serve.ops.cpu_native.build`: build now (install scripts, images)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        module = load()
+    except SFMPError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"SFMP CPU kernels ready in {cache_root() / 'cpu-kernels' / build_key()}; "
+          f"instruction sets on this CPU: {', '.join(module.isas()) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

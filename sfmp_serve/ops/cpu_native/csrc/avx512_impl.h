@@ -278,8 +278,7 @@ static void gemv(const GemvArgs& a) {
 }
 
 template <int NB>
-static void dequant_group(const uint32_t* pl, int kp, __m512 s, __m512 o, const DequantArgs& a,
-                          const int64_t* cols) {
+static void dequant_group(const uint32_t* pl, int kp, __m512 s, __m512 o, float* tile) {
   constexpr int S = Decoder::kStep;
   for (int k = 0; k < kp; k += S) {
     __m512i codes[S];
@@ -287,26 +286,84 @@ static void dequant_group(const uint32_t* pl, int kp, __m512 s, __m512 o, const 
     for (int j = 0; j < S && k + j < kp; ++j) {
       __m512 w[2];
       split_pairs(codes[j], w[0], w[1]);
-      for (int c = 0; c < 2; ++c) {
-        const int64_t col = cols[2 * (k + j) + c];
-        if (col < 0) continue;
-        w[c] = _mm512_fmadd_ps(s, w[c], o);
-        if (a.bf16_out)
-          _mm256_storeu_si256((__m256i*)a.tile + col, to_bf16(w[c]));
-        else
-          _mm512_storeu_ps((float*)a.tile + col * kTileRows, w[c]);
-      }
+      _mm512_storeu_ps(tile + (2 * (k + j)) * kTileRows, _mm512_fmadd_ps(s, w[0], o));
+      _mm512_storeu_ps(tile + (2 * (k + j) + 1) * kTileRows, _mm512_fmadd_ps(s, w[1], o));
     }
   }
 }
 
-// tile [ld][16] -> the tile's rows of w (sequential stores).
-template <class T>
-static void write_rows(const T* tile, T* w, int64_t ld, const int64_t* rows) {
+// r[i] = row i of a 16 x 16 block -> r[j] = column j (unpack, then 128-bit lane shuffles).
+static inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+    t[k + 4] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    t[k + 8] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    t[k + 12] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xDD);
+    r[k + 4] = _mm512_shuffle_f32x4(t[k + 4], t[k + 12], 0x88);
+    r[k + 12] = _mm512_shuffle_f32x4(t[k + 4], t[k + 12], 0xDD);
+  }
+}
+
+// 32 floats -> 32 bf16 (round to nearest even, NaN kept).
+static inline __m512i to_bf16x32(__m512 lo, __m512 hi) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(lo)), to_bf16(hi), 1);
+}
+
+// The tile [ld columns][16 rows] (fp32, original column order) -> its rows of w, through
+// register transposes of 16 x 16 blocks. Every row receives whole 64-byte lines (32 bf16 or
+// 16 fp32 columns per step), written with non-temporal stores where aligned: the dense
+// weight is far larger than the caches and is read back only by the GEMM, so reading its
+// lines in before overwriting them (what ordinary stores do) would double the traffic.
+static void write_rows(const float* tile, const DequantArgs& a, const int64_t* rows) {
+  const int64_t ld = a.ld;
+  const int64_t step = a.bf16_out ? 32 : 16;
+  const int64_t elem = a.bf16_out ? 2 : 4;
+  // Streaming stores only where the dense weight outgrows the caches.
+  const bool stream = ((uintptr_t)a.w % 64 == 0) && (ld * elem % 64 == 0) &&
+                      a.layer->n_tiles * kTileRows * ld * elem > (8 << 20);
+  const int64_t full = ld / step * step;
+  for (int64_t c0 = 0; c0 < full; c0 += step) {
+    __m512 r[2][16];
+    for (int h = 0; h < step / 16; ++h) {
+      for (int c = 0; c < 16; ++c)
+        r[h][c] = _mm512_loadu_ps(tile + a.col_src[c0 + 16 * h + c] * kTileRows);
+      transpose16(r[h]);  // r[h][i] = row i, columns c0 + 16h ...
+    }
+    for (int i = 0; i < kTileRows; ++i) {
+      if (rows[i] < 0) continue;
+      char* dst = static_cast<char*>(a.w) + (rows[i] * ld + c0) * elem;
+      const __m512i v = a.bf16_out ? to_bf16x32(r[0][i], r[1][i]) : _mm512_castps_si512(r[0][i]);
+      if (stream)
+        _mm512_stream_si512((__m512i*)dst, v);
+      else
+        _mm512_storeu_si512(dst, v);
+    }
+  }
   for (int i = 0; i < kTileRows; ++i) {
     if (rows[i] < 0) continue;
-    T* dst = w + rows[i] * ld;
-    for (int64_t c = 0; c < ld; ++c) dst[c] = tile[c * kTileRows + i];
+    for (int64_t c = full; c < ld; ++c) {
+      const float v = tile[a.col_src[c] * kTileRows + i];
+      if (a.bf16_out)
+        ((uint16_t*)a.w)[rows[i] * ld + c] =
+            (uint16_t)_mm256_extract_epi16(to_bf16(_mm512_set1_ps(v)), 0);
+      else
+        ((float*)a.w)[rows[i] * ld + c] = v;
+    }
   }
 }
 
@@ -318,25 +375,22 @@ static void dequant(const DequantArgs& a) {
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t idx = t * ng + g;
       const int nb = L.bits[idx], kp = L.kpairs[g];
-      const int64_t* cols = a.col_dst + g * gs;
+      float* tile = a.tile + g * gs * kTileRows;
       __m512 s, o;
       group_scales(L, idx, nb, 0.f, s, o);
       switch (nb) {
-        case 1: dequant_group<1>(pl, kp, s, o, a, cols); break;
-        case 2: dequant_group<2>(pl, kp, s, o, a, cols); break;
-        case 3: dequant_group<3>(pl, kp, s, o, a, cols); break;
-        case 4: dequant_group<4>(pl, kp, s, o, a, cols); break;
-        case 5: dequant_group<5>(pl, kp, s, o, a, cols); break;
-        case 6: dequant_group<6>(pl, kp, s, o, a, cols); break;
-        case 7: dequant_group<7>(pl, kp, s, o, a, cols); break;
-        default: dequant_group<8>(pl, kp, s, o, a, cols); break;
+        case 1: dequant_group<1>(pl, kp, s, o, tile); break;
+        case 2: dequant_group<2>(pl, kp, s, o, tile); break;
+        case 3: dequant_group<3>(pl, kp, s, o, tile); break;
+        case 4: dequant_group<4>(pl, kp, s, o, tile); break;
+        case 5: dequant_group<5>(pl, kp, s, o, tile); break;
+        case 6: dequant_group<6>(pl, kp, s, o, tile); break;
+        case 7: dequant_group<7>(pl, kp, s, o, tile); break;
+        default: dequant_group<8>(pl, kp, s, o, tile); break;
       }
       pl += (int64_t)kp * nb;
     }
-    const int64_t* rows = a.row_dst + t * kTileRows;
-    if (a.bf16_out)
-      write_rows((const uint16_t*)a.tile, (uint16_t*)a.w, a.ld, rows);
-    else
-      write_rows((const float*)a.tile, (float*)a.w, a.ld, rows);
+    write_rows(a.tile, a, a.row_dst + t * kTileRows);
   }
+  _mm_sfence();  // non-temporal stores visible before the GEMM (other threads) reads them
 }

@@ -144,7 +144,7 @@ class Layer {
   int64_t nbytes() const {
     int64_t n = 0;
     for (const auto* t : {&planes_, &tile_off_, &bits_, &kpairs_, &alpha_, &beta_, &in_gather_,
-                          &scatter_, &out_pos_, &gather_safe_})
+                          &scatter_, &out_pos_, &in_pos_, &gather_safe_})
       n += t->numel() * t->element_size();
     return n;
   }
@@ -310,6 +310,10 @@ class Layer {
     int64_t* pos = out_pos_.data_ptr<int64_t>();
     for (int64_t r = 0; r < n_tiles_ * kTileRows; ++r)
       if (scat[r] >= 0) pos[scat[r]] = r;
+    in_pos_ = at::empty({in_features_}, at::kLong);
+    int64_t* in_pos = in_pos_.data_ptr<int64_t>();
+    for (int64_t k = 0; k < ng * gs; ++k)
+      if (gather[k] >= 0) in_pos[gather[k]] = k;
     gather_safe_ = in_gather_.clamp_min(0);
     for (int64_t k = 0; k < ng * gs; ++k)
       if (gather[k] < 0) padding_.push_back(k);
@@ -421,9 +425,9 @@ class Layer {
   void dequantize_into(void* w, bool bf16_out, const IsaKernels& isa) const {
     const LayerView v = view();
     const int64_t* rows = scatter_.data_ptr<int64_t>();
-    const int64_t* cols = in_gather_.data_ptr<int64_t>();
+    const int64_t* cols = in_pos_.data_ptr<int64_t>();
     at::parallel_for(0, n_tiles_, 4, [&](int64_t b, int64_t e) {
-      std::vector<float> tile(in_features_ * kTileRows);  // one tile, original column order
+      std::vector<float> tile(n_groups_ * group_size_ * kTileRows);  // one decoded tile
       isa.dequant({&v, b, e, w, in_features_, rows, cols, bf16_out, tile.data()});
     });
   }
@@ -460,6 +464,7 @@ class Layer {
   ScaleKind scale_kind_ = ScaleKind::F32;
   at::Tensor planes_, tile_off_, bits_, kpairs_, alpha_, beta_, in_gather_, scatter_;
   at::Tensor out_pos_;            // [out_features]: tile row (t * 16 + i) of each output
+  at::Tensor in_pos_;             // [in_features]: padded reordered column of each input
   at::Tensor gather_safe_;        // in_gather_ with padding pointing at input 0 ...
   std::vector<int64_t> padding_;  // ... and the padding positions, zeroed after gathering
 };

@@ -62,22 +62,22 @@ struct GemvArgs {
 };
 
 // Dense weights of tiles [t0, t1) written straight into the ORIGINAL order, for prefill GEMMs:
-//   w[row_dst[t * 16 + i] * ld + col_dst[c]] = W[tile t row i, padded reordered column c]
-// skipping padding rows and columns (destination -1); bf16 (rounded to nearest even) or float.
-// Folding both permutations into the dequantizer costs about one extra pass over the weights,
-// once per call; permuting the activations instead costs M x (in + out) moves (at ~1 ns per
-// element), more than the weights once M is in the hundreds. Each tile is first decoded into
-// `tile` (ld x 16 values, columns already in the original order: 16 rows per column, one
-// contiguous store), then written out row by row, so the stores into w are sequential.
+//   w[row_dst[t * 16 + i] * ld + c] = W[tile t row i, padded reordered column col_src[c]]
+// for every original column c < ld, skipping padding rows (row_dst -1); bf16 (rounded to
+// nearest even) or float. Folding both permutations into the dequantizer costs about one extra
+// pass over the weights, once per call; permuting the activations instead costs M x (in + out)
+// moves (~1 ns per element), more than the weights once M is in the hundreds. Each tile is
+// first decoded into `tile` (16 rows per padded reordered column, sequential stores), then its
+// rows are written out in the original column order (gathered loads, whole-line stores).
 struct DequantArgs {
   const LayerView* layer;
   int64_t t0, t1;
   void* w;
   int64_t ld;
   const int64_t* row_dst;
-  const int64_t* col_dst;
+  const int64_t* col_src;
   bool bf16_out;
-  void* tile;
+  float* tile;  // n_groups * group_size * 16 floats
 };
 
 using GemvFn = void (*)(const GemvArgs&);

@@ -154,36 +154,37 @@ static void gemv(const GemvArgs& a) {
     gemv_tiles<2>(a);
 }
 
-// One column of 16 rows (two halves of 8) into the tile buffer at its original column.
-static inline void store_column(const DequantArgs& a, int64_t col, __m256 lo, __m256 hi) {
-  if (col < 0) return;
-  if (a.bf16_out) {
-    _mm256_storeu_si256((__m256i*)a.tile + col, to_bf16(lo, hi));
-  } else {
-    _mm256_storeu_ps((float*)a.tile + col * kTileRows, lo);
-    _mm256_storeu_ps((float*)a.tile + col * kTileRows + 8, hi);
-  }
-}
-
 template <int NB>
 static void dequant_group(const uint32_t* pl, int kp, const __m256 (&s)[2], const __m256 (&o)[2],
-                          const DequantArgs& a, const int64_t* cols) {
+                          float* tile) {
   for (int k = 0; k < kp; ++k) {
     __m256 v[4];
     decode_pair<NB>(pl + k * NB, v);
-    store_column(a, cols[2 * k], _mm256_fmadd_ps(s[0], v[0], o[0]),
-                 _mm256_fmadd_ps(s[1], v[2], o[1]));
-    store_column(a, cols[2 * k + 1], _mm256_fmadd_ps(s[0], v[1], o[0]),
-                 _mm256_fmadd_ps(s[1], v[3], o[1]));
+    float* even = tile + 2 * k * kTileRows;
+    _mm256_storeu_ps(even, _mm256_fmadd_ps(s[0], v[0], o[0]));
+    _mm256_storeu_ps(even + 8, _mm256_fmadd_ps(s[1], v[2], o[1]));
+    _mm256_storeu_ps(even + kTileRows, _mm256_fmadd_ps(s[0], v[1], o[0]));
+    _mm256_storeu_ps(even + kTileRows + 8, _mm256_fmadd_ps(s[1], v[3], o[1]));
   }
 }
 
-template <class T>
-static void write_rows(const T* tile, T* w, int64_t ld, const int64_t* rows) {
+static inline uint16_t bf16_bits(float v) {
+  alignas(32) uint16_t h[16];
+  const __m256 x = _mm256_set1_ps(v);
+  _mm256_store_si256((__m256i*)h, to_bf16(x, x));
+  return h[0];
+}
+
+static void write_rows(const float* tile, const DequantArgs& a, const int64_t* rows) {
   for (int i = 0; i < kTileRows; ++i) {
     if (rows[i] < 0) continue;
-    T* dst = w + rows[i] * ld;
-    for (int64_t c = 0; c < ld; ++c) dst[c] = tile[c * kTileRows + i];
+    if (a.bf16_out) {
+      uint16_t* dst = (uint16_t*)a.w + rows[i] * a.ld;
+      for (int64_t c = 0; c < a.ld; ++c) dst[c] = bf16_bits(tile[a.col_src[c] * kTileRows + i]);
+    } else {
+      float* dst = (float*)a.w + rows[i] * a.ld;
+      for (int64_t c = 0; c < a.ld; ++c) dst[c] = tile[a.col_src[c] * kTileRows + i];
+    }
   }
 }
 
@@ -195,7 +196,7 @@ static void dequant(const DequantArgs& a) {
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t idx = t * ng + g;
       const int nb = L.bits[idx], kp = L.kpairs[g];
-      const int64_t* cols = a.col_dst + g * gs;
+      float* tile = a.tile + g * gs * kTileRows;
       const __m256 levels = _mm256_set1_ps((float)((1 << nb) - 1));
       __m256 s[2], o[2];
       for (int h = 0; h < 2; ++h) {
@@ -205,22 +206,18 @@ static void dequant(const DequantArgs& a) {
         o[h] = _mm256_fnmadd_ps(al, levels, be);
       }
       switch (nb) {
-        case 1: dequant_group<1>(pl, kp, s, o, a, cols); break;
-        case 2: dequant_group<2>(pl, kp, s, o, a, cols); break;
-        case 3: dequant_group<3>(pl, kp, s, o, a, cols); break;
-        case 4: dequant_group<4>(pl, kp, s, o, a, cols); break;
-        case 5: dequant_group<5>(pl, kp, s, o, a, cols); break;
-        case 6: dequant_group<6>(pl, kp, s, o, a, cols); break;
-        case 7: dequant_group<7>(pl, kp, s, o, a, cols); break;
-        default: dequant_group<8>(pl, kp, s, o, a, cols); break;
+        case 1: dequant_group<1>(pl, kp, s, o, tile); break;
+        case 2: dequant_group<2>(pl, kp, s, o, tile); break;
+        case 3: dequant_group<3>(pl, kp, s, o, tile); break;
+        case 4: dequant_group<4>(pl, kp, s, o, tile); break;
+        case 5: dequant_group<5>(pl, kp, s, o, tile); break;
+        case 6: dequant_group<6>(pl, kp, s, o, tile); break;
+        case 7: dequant_group<7>(pl, kp, s, o, tile); break;
+        default: dequant_group<8>(pl, kp, s, o, tile); break;
       }
       pl += (int64_t)kp * nb;
     }
-    const int64_t* rows = a.row_dst + t * kTileRows;
-    if (a.bf16_out)
-      write_rows((const uint16_t*)a.tile, (uint16_t*)a.w, a.ld, rows);
-    else
-      write_rows((const float*)a.tile, (float*)a.w, a.ld, rows);
+    write_rows(a.tile, a, a.row_dst + t * kTileRows);
   }
 }
 
