@@ -82,7 +82,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_paths(model_dir: Path, out: Path, overwrite: bool) -> None:
-    """Fail before minutes of work, not after."""
+    """Fail before minutes of work, not after (once an interrupted earlier write of `out` is
+    finished or cleaned up, so that `out` is what that run left)."""
+    from sfmp_serve.atomic_dir import recover
+
+    try:
+        recover(out)
+    except OSError as e:
+        raise SFMPError(f"{out}: cannot clean up after an interrupted run ({e})") from e
     if out.exists() and not overwrite:
         raise SFMPError(f"{out}: output directory exists (pass --overwrite to replace it)")
     if out.resolve() == model_dir.resolve():
