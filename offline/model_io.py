@@ -22,6 +22,8 @@ from offline.streaming import SafetensorsSource, load_skeleton
 from sfmp_serve.arch import ArchSpec, arch_for
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import ACT_DTYPES, read_hf_config
+from sfmp_serve.model_dir import (check_causal_lm_config, check_finite, check_model_dir,
+                                  load_error)
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +79,13 @@ class LoadedModel:
             move("cpu")
 
 
-def _causal_lm_class_names() -> set[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    names: set[str] = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update(value if isinstance(value, (tuple, list)) else (value,))
-    return names
-
-
 def check_causal_lm(path: Path, hf_config: dict[str, Any]) -> ArchSpec:
     """Reject configs that are not causal LMs, already quantized, or of an unknown family."""
     if hf_config.get("quantization_config"):
         method = hf_config["quantization_config"].get("quant_method", "?")
         raise SFMPError(f"{path}: model is already quantized (quant_method '{method}'); "
                         "quantize the unquantized checkpoint")
-    architectures = hf_config.get("architectures") or []
-    if architectures and not set(architectures) & _causal_lm_class_names():
-        raise SFMPError(f"{path}: not a causal LM (architectures: {', '.join(architectures)})")
+    check_causal_lm_config(path, hf_config)
     model_type = hf_config.get("model_type")
     if not model_type:
         raise SFMPError(f"{path}/config.json: no model_type, cannot tell the architecture")
@@ -128,20 +120,15 @@ def find_linears(model: nn.Module, spec: ArchSpec) -> tuple[dict[str, nn.Linear]
     return linears, groups
 
 
-def check_finite(model: nn.Module) -> None:
-    """NaN/Inf in any weight makes salience and quantization meaningless: name the tensor."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise SFMPError(f"weight {name} contains NaN or Inf")
-
-
 def _checked_dir(model_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], ArchSpec]:
     """(path, config.json, arch spec) of a causal LM directory, or SFMPError."""
     path = Path(model_dir)
     if not path.is_dir():
         raise SFMPError(f"{path}: model directory does not exist")
     hf_config = read_hf_config(path)
-    return path, hf_config, check_causal_lm(path, hf_config)
+    spec = check_causal_lm(path, hf_config)
+    check_model_dir(path)  # config, safetensors readable and complete: before transformers
+    return path, hf_config, spec
 
 
 def _checked_act_dtype(path: Path, dtype: torch.dtype) -> torch.dtype:
@@ -150,18 +137,14 @@ def _checked_act_dtype(path: Path, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _cannot_load(path: Path, e: Exception) -> SFMPError:
-    return SFMPError(f"{path}: cannot load the model ({str(e).splitlines()[0]})")
-
-
 def load_model(model_dir: str | os.PathLike) -> LoadedModel:
     """Load MODEL_DIR as a float32 causal LM; SFMPError for every unusable input."""
     path, hf_config, spec = _checked_dir(model_dir)
     from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    except (OSError, ValueError, KeyError) as e:
-        raise _cannot_load(path, e) from e
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
+    except Exception as e:  # the files passed the checks above; what is left is transformers'
+        raise load_error(path, e) from e
     orig_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     check_finite(model)
     linears, groups = find_linears(model, spec)
@@ -177,8 +160,10 @@ def load_streamed(model_dir: str | os.PathLike) -> LoadedModel:
     path, hf_config, spec = _checked_dir(model_dir)
     try:
         model, source = load_skeleton(path, spec)
-    except (OSError, ValueError, KeyError) as e:
-        raise _cannot_load(path, e) from e
+    except SFMPError:
+        raise
+    except Exception as e:  # the files passed the checks above; what is left is transformers'
+        raise load_error(path, e) from e
     linears, groups = find_linears(model, spec)
     orig_dtypes = {k: source.dtype(k) for k in model.state_dict() if k in source}
     act_dtype = _checked_act_dtype(path, orig_dtypes[f"{next(iter(linears))}.weight"])

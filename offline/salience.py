@@ -8,6 +8,7 @@ bf16 gradients are too coarse to rank weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from sfmp_serve.errors import SFMPError
+from sfmp_serve.errors import SFMPError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +84,35 @@ def save_salience(path: str | Path, salience: dict[str, torch.Tensor],
                   key: dict[str, object]) -> None:
     """Store a Fisher diagonal with what it was computed from (model, calibration)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in salience.items()}, str(tmp),
-              metadata={"sfmp_salience_key": json.dumps(key, sort_keys=True)})
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in salience.items()}, str(tmp),
+                  metadata={"sfmp_salience_key": json.dumps(key, sort_keys=True)})
+        os.replace(tmp, path)
+    except Exception as e:  # safetensors reports a failed write as its own type
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise SFMPError(f"--salience-cache {path}: cannot write ({one_line(e)})") from e
     log.info("salience: saved to %s", path)
 
 
 def load_salience(path: str | Path, key: dict[str, object],
                   linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
     """A cached Fisher diagonal; an error if it was computed from anything else."""
-    with safe_open(str(path), framework="pt") as handle:
-        stored = json.loads((handle.metadata() or {}).get("sfmp_salience_key", "null"))
-        if stored != json.loads(json.dumps(key, sort_keys=True)):
-            raise SFMPError(f"--salience-cache {path}: computed from {stored}, not from "
-                            f"{key}; delete it or pass another file")
-        salience = {name: handle.get_tensor(name) for name in handle.keys()}
+    if Path(path).is_dir():
+        raise SFMPError(f"--salience-cache {path}: is a directory; pass a file path")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = json.loads((handle.metadata() or {}).get("sfmp_salience_key", "null"))
+            salience = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as e:  # safetensors raises several types for a file it cannot parse
+        raise SFMPError(f"--salience-cache {path}: not a salience file written by "
+                        f"`sfmp quantize` ({one_line(e)}); delete it or pass another path") \
+            from e
+    if stored != json.loads(json.dumps(key, sort_keys=True)):
+        raise SFMPError(f"--salience-cache {path}: computed from {stored}, not from "
+                        f"{key}; delete it or pass another file")
     for name, lin in linears.items():
         if name not in salience or tuple(salience[name].shape) != tuple(lin.weight.shape):
             raise SFMPError(f"--salience-cache {path}: no salience of shape "

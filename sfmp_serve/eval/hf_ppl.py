@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from sfmp_serve.eval.windows import PplResult, scored_tokens
+from sfmp_serve.errors import SFMPError, one_line
+from sfmp_serve.eval.windows import PplResult, check_window, scored_tokens
 from sfmp_serve.format import is_sfmp_checkpoint, read_hf_config
+from sfmp_serve.model_dir import check_finite, check_model_dir, load_error
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +27,25 @@ def load_model_and_tokenizer(path: str | os.PathLike, device: str = "cpu",
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = Path(path)
     read_hf_config(path)  # one-line error for a missing directory or config.json
     if is_sfmp_checkpoint(path):
         from sfmp_serve.hf import load_sfmp_model
         model = load_sfmp_model(path, device=device, dtype=dtype, dequantized=not packed)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+        check_model_dir(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
+                                                         use_safetensors=True)
+        except Exception as e:  # the files passed check_model_dir; what is left is transformers'
+            raise load_error(path, e) from e
+        check_finite(model, f"{path}: ")
+        model = model.to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers fail with several exception types on bad files
+        raise SFMPError(f"{path}: cannot load the tokenizer ({one_line(e)})") from e
+    return model.eval(), tokenizer
 
 
 @torch.no_grad()
@@ -45,7 +60,9 @@ def window_nll(model, ids: list[int]) -> float:
 
 def hf_perplexity(model, windows: list[list[int]], seqlen: int,
                   progress: bool = True) -> PplResult:
+    """Perplexity over `windows`; SFMPError naming the first window whose loss is not finite."""
     nll = 0.0
-    for ids in tqdm(windows, desc="ppl (HF)", unit="window", disable=not progress):
-        nll += window_nll(model, ids)
+    for i, ids in enumerate(tqdm(windows, desc="ppl (HF)", unit="window",
+                                 disable=not progress)):
+        nll += check_window(i, windows, window_nll(model, ids))
     return PplResult.from_nll(nll, scored_tokens(windows), seqlen, len(windows))

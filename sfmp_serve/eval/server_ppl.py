@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sfmp_serve.errors import SFMPError
-from sfmp_serve.eval.windows import PplResult, scored_tokens
+from sfmp_serve.errors import SFMPError, one_line
+from sfmp_serve.eval.windows import PplResult, check_window, scored_tokens
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,14 @@ def served_model(url: str, timeout: float = 30) -> str:
 def window_nll_server(url: str, model: str, ids: list[int], timeout: float) -> float:
     payload = {"model": model, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1,
                "temperature": 0.0}
-    choice = _request(api_base(url) + "/completions", payload, timeout)["choices"][0]
-    logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+    try:
+        choice = _request(api_base(url) + "/completions", payload, timeout)["choices"][0]
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise SFMPError(f"{api_base(url)}/completions: unexpected response ({one_line(e)})") \
+            from e
     prompt = logprobs[1:len(ids)]
-    if len(logprobs) < len(ids) or any(lp is None for lp in prompt):
+    if len(logprobs) < len(ids) or any(not isinstance(lp, (int, float)) for lp in prompt):
         raise SFMPError(f"{api_base(url)}/completions: no prompt log-probabilities in the "
                         f"response (the server must support echo=true with logprobs)")
     return -float(sum(prompt))
@@ -69,9 +73,9 @@ def server_perplexity(url: str, windows: list[list[int]], seqlen: int, model: st
     nll = 0.0
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         futures = pool.map(lambda w: window_nll_server(url, model, w, timeout), windows)
-        for value in tqdm(futures, total=len(windows), desc="ppl (server)", unit="window",
-                          disable=not progress):
-            nll += value
+        for i, value in enumerate(tqdm(futures, total=len(windows), desc="ppl (server)",
+                                       unit="window", disable=not progress)):
+            nll += check_window(i, windows, value)
     return PplResult.from_nll(nll, scored_tokens(windows), seqlen, len(windows))
 
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from sfmp_serve.errors import SFMPError
+
+# exp() of a larger mean NLL overflows a float.
+MAX_MEAN_NLL = math.log(sys.float_info.max)
 
 
 @dataclass(frozen=True)
@@ -29,11 +33,27 @@ class PplResult:
 
     @classmethod
     def from_nll(cls, nll_sum: float, tokens: int, seqlen: int, windows: int) -> "PplResult":
-        return cls(math.exp(nll_sum / tokens), tokens, seqlen, nll_sum, windows)
+        mean = nll_sum / tokens
+        if not math.isfinite(mean) or mean > MAX_MEAN_NLL:
+            raise SFMPError(f"perplexity exp({mean:.4g}) over {tokens} tokens is not a finite "
+                            "number: the model's predictions are garbage")
+        return cls(math.exp(mean), tokens, seqlen, nll_sum, windows)
 
     def to_json(self) -> dict[str, float | int]:
         return {"ppl": self.ppl, "tokens": self.tokens, "seqlen": self.seqlen,
                 "nll_sum": self.nll_sum, "windows": self.windows}
+
+
+def check_window(index: int, windows: list[list[int]], nll: float) -> float:
+    """`nll` of window `index`, or SFMPError naming the window if it is not finite (the
+    first such window: the caller sums in order)."""
+    if not math.isfinite(nll):
+        start = sum(len(w) - 1 for w in windows[:index])
+        raise SFMPError(f"window {index + 1} of {len(windows)} (scored tokens {start}.."
+                        f"{start + len(windows[index]) - 2}): the negative log-likelihood is "
+                        f"{nll}; the model's outputs are not finite (NaN/Inf in weights or "
+                        "activations)")
+    return nll
 
 
 def read_text(path: str | os.PathLike) -> str:

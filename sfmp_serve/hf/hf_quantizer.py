@@ -2,16 +2,15 @@
 
 Without this, transformers warns "Unknown quantization type" and silently loads a model whose
 quantized linears are randomly initialised. `register_transformers()` (called on import of
-sfmp_serve.hf) registers the "sfmp" config and quantizer: before loading, each listed linear
-becomes an SFMPLinear with empty buffers shaped like the checkpoint's tensors (read from the
-safetensors headers); transformers fills them by name; after loading, every layer is validated
-exactly as `load_sfmp_model` does.
+sfmp_serve.hf) registers the "sfmp" config and quantizer: before loading, the checkpoint is read
+and checked as `load_sfmp_model` checks it (checksums, structure, finite values, every
+parameter of the model present at its shape) and each listed linear becomes an SFMPLinear with
+empty buffers shaped like the checkpoint's tensors; transformers fills them by name; after
+loading, every layer is validated again as transformers stored it.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,11 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from sfmp_serve.errors import FormatError
-from sfmp_serve.format import QUANT_METHOD, TENSOR_SUFFIXES, PackedLinear, SFMPConfig
-from sfmp_serve.hf.linear import SFMPLinear, check_bias, find_linear, replace_module
-
-_ST_DTYPES = {"I32": torch.int32, "U8": torch.uint8, "I64": torch.int64, "F16": torch.float16,
-              "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+from sfmp_serve.errors import SFMPError
+from sfmp_serve.format import (QUANT_METHOD, TENSOR_SUFFIXES, PackedLinear, SFMPConfig,
+                               load_checkpoint)
+from sfmp_serve.hf.linear import SFMPLinear, replace_module
+from sfmp_serve.hf.model_check import check_complete
 
 
 class SFMPQuantizationConfig(QuantizationConfigMixin):
@@ -40,28 +38,10 @@ class SFMPQuantizationConfig(QuantizationConfigMixin):
         return self.sfmp.to_dict()
 
 
-def _safetensors_header(path: str | Path) -> dict[str, dict]:
-    """{tensor name: {"dtype", "shape", ...}} without reading any tensor data."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
-def _empty_packed(name: str, header: dict[str, dict]) -> PackedLinear:
-    tensors = {}
-    for suffix in (*TENSOR_SUFFIXES, "bias"):
-        entry = header.get(f"{name}.{suffix}")
-        if entry is None:
-            if suffix == "bias":
-                continue
-            raise FormatError(f"layer {name}: missing tensor {name}.{suffix}")
-        dtype = _ST_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise FormatError(f"layer {name}: tensor {name}.{suffix}: unsupported dtype "
-                              f"{entry['dtype']}")
-        tensors[suffix] = torch.empty(entry["shape"], dtype=dtype, device="meta")
+def _empty_packed(name: str, stored: dict[str, torch.Tensor]) -> PackedLinear:
+    """Meta tensors shaped like the stored ones (already validated), for transformers to fill."""
+    tensors = {suffix: torch.empty_like(stored[f"{name}.{suffix}"], device="meta")
+               for suffix in (*TENSOR_SUFFIXES, "bias") if f"{name}.{suffix}" in stored}
     return PackedLinear(**{s: tensors[s] for s in TENSOR_SUFFIXES}, bias=tensors.get("bias"))
 
 
@@ -76,16 +56,20 @@ class SFMPHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None,
                                              **kwargs: Any) -> None:
-        header: dict[str, dict] = {}
-        for f in checkpoint_files or ():
-            header.update(_safetensors_header(f))
+        if not checkpoint_files:
+            raise SFMPError("sfmp: no checkpoint files to load")
+        # The files are read and checked exactly as load_sfmp_model reads them (checksums,
+        # structure, finite values, completeness) before transformers reads them again; on
+        # the CPU, as transformers makes the meta device the default here.
+        with torch.device("cpu"):
+            ckpt = load_checkpoint(Path(checkpoint_files[0]).parent, validate=False)
+            self._shapes = check_complete(model, ckpt.config,
+                                          {k: t.shape for k, t in ckpt.tensors.items()},
+                                          ckpt.files, ckpt.path)
+            ckpt.validate(self._shapes)
         config = self.quantization_config.sfmp
-        self._shapes = {}
         for name in config.quantized_modules:
-            linear = find_linear(model, name)
-            check_bias(name, linear, f"{name}.bias" in header)
-            self._shapes[name] = (linear.out_features, linear.in_features)
-            replace_module(model, name, SFMPLinear(_empty_packed(name, header), config))
+            replace_module(model, name, SFMPLinear(_empty_packed(name, ckpt.tensors), config))
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         config = self.quantization_config.sfmp

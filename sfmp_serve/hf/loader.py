@@ -14,11 +14,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from sfmp_serve.errors import FormatError, SFMPError
-from sfmp_serve.format import (TENSOR_SUFFIXES, Checkpoint, PackedLinear, SFMPConfig,
-                               load_checkpoint)
+from sfmp_serve.errors import SFMPError, one_line
+from sfmp_serve.format import Checkpoint, PackedLinear, SFMPConfig, load_checkpoint
 from sfmp_serve.hf.linear import (SFMPLinear, check_bias, dequantize_linears, find_linear,
                                   replace_module)
+from sfmp_serve.hf.model_check import check_complete, empty_model
 
 log = logging.getLogger(__name__)
 
@@ -40,71 +40,49 @@ def quantize_in_memory(model: nn.Module, packed: Mapping[str, PackedLinear],
     return model
 
 
-def _build_empty_model(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
-    """The model of the checkpoint's config with meta parameters and real (computed) buffers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf = {k: v for k, v in ckpt.hf_config.items() if k != "quantization_config"}
-    model_type = hf.pop("model_type", None)
-    if model_type is None:
-        raise SFMPError(f"{ckpt.path}/config.json: no model_type")
-    try:
-        config = AutoConfig.for_model(model_type, **hf)
-    except (ValueError, KeyError) as e:
-        raise SFMPError(f"{ckpt.path}/config.json: transformers cannot build '{model_type}' "
-                        f"({e})") from e
-    # Buffers such as rotary inv_freq are computed in __init__; keep them off the meta device.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
-
-
 def _load_rest(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> None:
-    """Assign every tensor that is not part of a quantized linear; strict about names."""
+    """Assign every tensor that is not part of a quantized linear (names and shapes were
+    checked by check_complete), then tie the embeddings."""
     quantized = set(ckpt.config.quantized_modules)
-    known = set(TENSOR_SUFFIXES) | {"bias"}
-    rest = {}
-    for key, tensor in ckpt.tensors.items():
-        owner, _, suffix = key.rpartition(".")
-        if owner not in quantized:
-            rest[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        elif suffix not in known:
-            raise FormatError(f"layer {owner}: tensor {key}: unknown SFMP tensor "
-                              f"(expected {', '.join(sorted(known))})")
-    expected = set(model.state_dict())
-    unexpected = sorted(set(rest) - expected)
-    if unexpected:
-        raise FormatError(f"tensor {unexpected[0]}: not a parameter of the "
-                          f"{type(model).__name__} model")
+    rest = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+            for key, tensor in ckpt.tensors.items() if key.rpartition(".")[0] not in quantized}
     model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()
     still_empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_empty:
-        raise FormatError(f"tensor {still_empty[0]}: missing from the checkpoint")
+    if still_empty:  # check_complete's contract; a bug if it did not hold
+        raise RuntimeError(f"parameter {still_empty[0]} was not loaded")
 
 
 def _attach_generation_config(model: nn.Module, ckpt: Checkpoint) -> None:
     from transformers import GenerationConfig
 
     if (ckpt.path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
+        except Exception as e:  # transformers' validation raises several types
+            raise SFMPError(f"{ckpt.path}/generation_config.json: not usable "
+                            f"({one_line(e)})") from e
 
 
 def load_sfmp_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, dequantized: bool = False) -> nn.Module:
+                    dtype: torch.dtype | None = None, dequantized: bool = False,
+                    verify: bool = True) -> nn.Module:
     """A transformers causal LM from an SFMP checkpoint, quantized linears as SFMPLinear.
 
     dtype: of the unquantized tensors (default: the checkpoint's act_dtype). Packed alpha/beta
     keep the act_dtype; the op accumulates in float32 and returns the activation's dtype.
     dequantized: each quantized linear becomes a DequantizedLinear (float32 dense weight, the
     same values): fast evaluation at several times the memory of the packed form.
+    verify: check every tensor against its checksum (format version 2). Completeness, shapes
+    and finite values are always checked.
     """
-    ckpt = load_checkpoint(path, validate=False)
+    ckpt = load_checkpoint(path, validate=False, verify=verify)
     dtype = dtype or ckpt.config.torch_act_dtype
-    model = _build_empty_model(ckpt, dtype)
+    model = empty_model(ckpt.path, ckpt.hf_config, dtype)
+    shapes = check_complete(model, ckpt.config, {k: t.shape for k, t in ckpt.tensors.items()},
+                            ckpt.files, ckpt.path)
+    ckpt.validate(shapes)
     linears = {n: find_linear(model, n) for n in ckpt.config.quantized_modules}
-    ckpt.validate({n: (m.out_features, m.in_features) for n, m in linears.items()})
     for name, linear in linears.items():
         packed = ckpt.packed(name)
         check_bias(name, linear, packed.bias is not None)
