@@ -3,6 +3,8 @@
 All numbers are recomputed from the (validated) tensors, not copied from quantization_config:
 avg_bits = code bits per quantized weight (blocks weighted by their size); bits_per_weight
 adds alpha/beta, the bit and offset tables and the permutations (PackedLinear.stored_bits).
+With `verify`, the checkpoint is first checked as `sfmp serve` checks it (sfmp_serve.preflight:
+checksums, completeness against the model of config.json).
 size_bytes is the size of the *.safetensors files on disk; original_size_bytes is the same
 model unquantized: every floating tensor (quantized linears at [out, in]) in the act dtype.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sfmp_serve.format import Checkpoint, LayerGeometry, load_checkpoint
+from sfmp_serve.preflight import checked_checkpoint
 
 
 @dataclass
@@ -51,6 +54,7 @@ class CheckpointSummary:
     # layer type (module name suffix) -> bit-width -> number of weights
     histogram: dict[str, dict[int, int]] = field(default_factory=dict)
     linears: list[LinearBits] = field(default_factory=list)
+    verified: str | None = None  # what --verify checked, None without it
 
     def to_json(self) -> dict:
         return {
@@ -63,6 +67,7 @@ class CheckpointSummary:
             "compression": self.original_size_bytes / self.size_bytes,
             "bit_histogram": {t: {str(b): n for b, n in sorted(h.items())}
                               for t, h in self.histogram.items()},
+            "verified": self.verified is not None,
         }
 
 
@@ -81,26 +86,29 @@ def _original_size(ckpt: Checkpoint) -> int:
     return total
 
 
-def summarize(path: str | os.PathLike) -> CheckpointSummary:
-    """Validate the checkpoint at `path` and summarise it (raises SFMPError when broken)."""
-    ckpt = load_checkpoint(path)
+def summarize(path: str | os.PathLike, verify: bool = False) -> CheckpointSummary:
+    """Validate the checkpoint at `path` and summarise it (raises SFMPError when broken).
+    verify: also every checksum and every parameter of the model (the serving pre-check)."""
+    verified = None
+    if verify:
+        ckpt, report = checked_checkpoint(path, verify=True)
+        verified = report.summary()
+    else:
+        ckpt = load_checkpoint(path, verify=False)
     cfg = ckpt.config
     linears, histogram = [], defaultdict(lambda: defaultdict(int))
-    n_weights = code_bits = stored_bits = 0
     for name in cfg.quantized_modules:
         packed = ckpt.packed(name)
         lb = LinearBits(name, packed.geometry(cfg), packed.block_bits)
         linears.append(lb)
         for bits, count in lb.weights_per_bits().items():
             histogram[lb.layer_type][bits] += count
-            code_bits += bits * count
-        n_weights += packed.out_features * packed.in_features
-        stored_bits += packed.stored_bits()
+    stats = ckpt.bit_stats()
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     return CheckpointSummary(
-        Path(path), cfg.act_dtype, cfg.group_size, cfg.block_rows, cfg.bit_choices, n_weights,
-        code_bits / max(n_weights, 1), stored_bits / max(n_weights, 1), size,
-        _original_size(ckpt), {t: dict(h) for t, h in histogram.items()}, linears)
+        Path(path), cfg.act_dtype, cfg.group_size, cfg.block_rows, cfg.bit_choices,
+        stats.weights, stats.avg_bits, stats.bits_per_weight, size, _original_size(ckpt),
+        {t: dict(h) for t, h in histogram.items()}, linears, verified)
 
 
 def format_summary(s: CheckpointSummary) -> str:
@@ -117,6 +125,8 @@ def format_summary(s: CheckpointSummary) -> str:
         f"unquantized ({s.act_dtype}): {s.original_size_bytes / s.size_bytes:.2f}x smaller",
         "bit-widths per layer type (share of its weights):",
     ]
+    if s.verified:
+        lines.insert(1, f"verified     {s.verified}")
     bits = sorted({b for h in s.histogram.values() for b in h})
     lines.append("  " + "type".ljust(12) + "".join(f"{b}-bit".rjust(8) for b in bits)
                  + "avg".rjust(8))

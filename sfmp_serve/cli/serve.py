@@ -1,7 +1,9 @@
-"""`sfmp serve CKPT [--host H] [--port P] [vLLM options...]`: vLLM's OpenAI server for SFMP.
+"""`sfmp serve CKPT [--host H] [--port P] [--no-verify] [vLLM options...]`: vLLM's OpenAI server
+for SFMP.
 
-Validates the checkpoint first (a clean one-line error instead of a stack trace from deep in
-vLLM's start-up), sets PROMETHEUS_MULTIPROC_DIR to a fresh empty directory unless the caller set
+Checks the checkpoint first (sfmp_serve.preflight: checksums, structure, finite values, every
+parameter of the model present; a clean one-line error instead of a stack trace from deep in
+vLLM's start-up, or garbage served from a checkpoint vLLM would accept), sets PROMETHEUS_MULTIPROC_DIR to a fresh empty directory unless the caller set
 one (the SFMP op runs in vLLM's engine-core process; only multiprocess mode brings its metrics to
 the server's /metrics, next to vLLM's own), then runs
 `python -m vllm.entrypoints.openai.api_server --model CKPT --quantization sfmp ...` as a child:
@@ -42,28 +44,35 @@ _KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
 KV_CACHE_FRACTION = 0.25  # of the memory available at start-up
 KV_CACHE_MAX_BYTES = 4 << 30
 KV_CACHE_MIN_BYTES = 256 << 20
+# Measured by bench/verify_cost.py (docs/integrity.md), for --no-verify's help.
+VERIFY_SECONDS_PER_GB = 0.25
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="serve an SFMP checkpoint with vLLM's OpenAI-compatible server",
-        usage="sfmp serve CKPT [--host HOST] [--port PORT] [vLLM options ...]",
+        usage="sfmp serve CKPT [--host HOST] [--port PORT] [--no-verify] [vLLM options ...]",
         description=__doc__.split("\n\n")[0],
         epilog="Every other option is passed to vLLM's OpenAI server unchanged.")
     parser.add_argument("checkpoint", help="SFMP checkpoint directory (from `sfmp quantize`)")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="listen port (default: %(default)s)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the checksum of every tensor at start-up (about "
+                             f"{VERIFY_SECONDS_PER_GB} s per GB here; see docs/integrity.md); "
+                             "structure, finite values and completeness are still checked")
     # argparse would stop at the first unknown option; collect everything after CKPT instead
     # and take --host/--port out of it again in `split_args`.
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
-def split_args(args: argparse.Namespace) -> tuple[str, int, list[str]]:
-    """(host, port, options for vLLM), whatever the order on the command line."""
+def split_args(args: argparse.Namespace) -> tuple[str, int, bool, list[str]]:
+    """(host, port, verify, options for vLLM), whatever the order on the command line."""
     inner = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     inner.add_argument("--host", default=args.host)
     inner.add_argument("--port", type=int, default=args.port)
+    inner.add_argument("--no-verify", action="store_true", default=args.no_verify)
     try:
         known, rest = inner.parse_known_args(args.vllm_args)
     except SystemExit as e:  # argparse already printed why
@@ -78,21 +87,18 @@ def split_args(args: argparse.Namespace) -> tuple[str, int, list[str]]:
             if value != "1":
                 raise SFMPError(f"option {name} {value}: SFMP serving supports tensor parallel "
                                 "size 1 only; run one replica per GPU instead")
-    return known.host, known.port, rest
+    return known.host, known.port, not known.no_verify, rest
 
 
-def check_checkpoint(path: str) -> None:
-    """Fully validate the checkpoint and its architecture before vLLM starts."""
-    from sfmp_serve.arch import arch_for
-    from sfmp_serve.format import load_checkpoint
+def check_checkpoint(path: str, verify: bool = True) -> None:
+    """Check the checkpoint completely before vLLM starts (sfmp_serve.preflight)."""
+    from sfmp_serve.preflight import check_checkpoint as preflight
 
-    if not Path(path).is_dir():
-        raise SFMPError(f"{path}: checkpoint directory not found")
-    ckpt = load_checkpoint(path)
-    arch_for(ckpt.hf_config.get("model_type", "<missing model_type>"))
-    logger.info("%s: %d SFMP layers, %.3f average bits, %.3f bits per weight", path,
-                len(ckpt.config.quantized_modules), ckpt.config.avg_bits,
-                ckpt.config.bits_per_weight)
+    report = preflight(path, verify)
+    if not verify:
+        logger.warning("%s: --no-verify: tensors not compared with their checksums; "
+                       "corruption after export goes unnoticed", path)
+    logger.debug("%s", report)
 
 
 def available_memory() -> int:
@@ -156,9 +162,12 @@ def supervise(command: list[str], env: dict[str, str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    host, port, extra = split_args(args)
-    check_checkpoint(args.checkpoint)
+    from sfmp_serve.preflight import PREFLIGHT_ENV
+
+    host, port, verify, extra = split_args(args)
+    check_checkpoint(args.checkpoint, verify)
     env = dict(os.environ)
+    env[PREFLIGHT_ENV] = os.path.realpath(args.checkpoint)  # the plugin need not check again
     own_metrics_dir = not env.get("PROMETHEUS_MULTIPROC_DIR")
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(env)
     command = vllm_command(args.checkpoint, host, port, extra + kv_cache_args(extra, env))

@@ -63,9 +63,13 @@ class SFMPQuantConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None,
                             revision: str | None = None) -> None:
+        """vLLM calls this once, with the model path, before anything is loaded: the place
+        for the checks vLLM's loader does not make (sfmp_serve.preflight)."""
         model_type = getattr(hf_config, "model_type", None)
         if model_type is not None:
             self.arch = arch_for(model_type)
+        from sfmp_serve.preflight import check_for_vllm
+        check_for_vllm(model_name)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         # Models whose vLLM module names differ from the checkpoint's rename them here.

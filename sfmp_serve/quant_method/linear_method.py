@@ -7,7 +7,8 @@ Lifecycle (vLLM's):
 2. process_weights_after_loading: every shard is validated against the model's [out, in]
    (a FormatError names layer and tensor and fails start-up), then ops.api builds the runtime
    layout ONCE (one input gather for the fused layer, one composed output gather, the
-   backend's tables). The loaded tensors are dropped; the weights stay packed.
+   backend's tables). The loaded tensors are dropped; the weights stay packed. The model
+   gauges (average bits, bits per weight) are computed from the tensors served.
 3. apply: one opaque custom-op call (+ bias). Nothing is derived per forward here, and no
    Python branch depends on the batch: vLLM's torch.compile would freeze it.
 """
@@ -23,12 +24,21 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from sfmp_serve import metrics
 from sfmp_serve.errors import FormatError, SFMPError
-from sfmp_serve.format import PackedLinear, SFMPConfig, TENSOR_SUFFIXES
+from sfmp_serve.format import TENSOR_SUFFIXES, BitStats, PackedLinear, SFMPConfig
 from sfmp_serve.ops import api
 
 logger = logging.getLogger(__name__)
 
 _LOADED = "_sfmp_loaded"  # layer attribute: shard id -> {tensor suffix: tensor}
+# Bits of the layers this process serves, so the model gauges report the tensors, not the config.
+_served = BitStats(0, 0, 0)
+
+
+def _add_served(stats: BitStats) -> BitStats:
+    global _served
+    _served = BitStats(_served.weights + stats.weights, _served.code_bits + stats.code_bits,
+                       _served.stored_bits + stats.stored_bits)
+    return _served
 
 
 def _placeholder_dtype(suffix: str, config: SFMPConfig) -> torch.dtype:
@@ -94,7 +104,8 @@ class SFMPLinearMethod(LinearMethodBase):
         self.handle = api.prepare_layer(self.prefix, self.shard_names, shards, self.config,
                                         layer.params_dtype, device)
         delattr(layer, _LOADED)  # the runtime state owns what it needs; drop the raw tensors
-        metrics.set_model_info(self.config.avg_bits, self.config.bits_per_weight)
+        served = _add_served(BitStats.of(shards, self.config))
+        metrics.set_model_info(served.avg_bits, served.bits_per_weight)
         logger.debug("SFMP layer %s: %s backend, %d resident bytes", self.prefix,
                      self.handle.backend, self.handle.nbytes)
 
