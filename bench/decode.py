@@ -5,10 +5,13 @@ Random weights (speed does not depend on them), 32 layers, fused qkv (6144 x 409
 decoder linear is either a dense matmul or an SFMP linear (bench/gpu_common.py: bits allocated
 by the pipeline's allocator over all blocks of the model). One decode step (B tokens, static KV
 cache, position advanced on the device) is captured in a CUDA graph and replayed; tokens/s =
-B / median step time.
+B / median step time. SFMP linears run one kernel family (--kernels): "lut" (the default
+backend) or "mma" (the tensor-core kernels). The same step with every decoder linear replaced
+by a view of a zero buffer (no GPU work) gives the time of everything else (attention, norms,
+RoPE, embeddings, lm_head, launches); the linears' share is the difference.
 
-    python bench/decode.py [--dtypes float16,bfloat16] [--bpw 3.5,4.0] [--batch 1,8]
-                           [--layers 32] [--json OUT.json]
+    python bench/decode.py [--kernels lut,mma] [--dtypes float16,bfloat16] [--bpw 3.5]
+                           [--batch 1,8,16] [--layers 32] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from gpu_common import BLOCK_ROWS, GROUP_SIZE, allocate_bits, random_packed, sfmp_config
+from gpu_common import (BLOCK_ROWS, GROUP_SIZE, allocate_bits, random_mma, random_packed,
+                        sfmp_config)
 from sfmp_serve.format import LayerGeometry
-from sfmp_serve.ops.cuda import cuda_linear
+from sfmp_serve.ops.cuda import cuda_linear, mma_linear
 from sfmp_serve.ops.cuda.repack import repack
+from sfmp_serve.ops.cuda.runtime import runner_for
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 8, 128, 128256
 MAX_LEN, START_POS, REPLAYS = 512, 64, 100
@@ -64,8 +69,17 @@ def dense_linears(layers: int, dtype: torch.dtype) -> tuple[list[dict[str, Linea
     return out, nbytes
 
 
-def sfmp_linears(layers: int, dtype: torch.dtype, bpw: float) -> tuple[list[dict[str, Linear]],
-                                                                        int]:
+def null_linears(layers: int, dtype: torch.dtype,
+                 max_batch: int) -> tuple[list[dict[str, Linear]], int]:
+    """Linears that cost nothing on the GPU: views of one zero buffer of the output's shape."""
+    zeros = torch.zeros(max_batch, max(n for n, _ in LINEARS.values()), device="cuda",
+                        dtype=dtype)
+    return [{name: (lambda x, n=n: zeros[: x.shape[0], :n]) for name, (n, _) in LINEARS.items()}
+            for _ in range(layers)], 0
+
+
+def sfmp_linears(layers: int, dtype: torch.dtype, bpw: float,
+                 family: str = "lut") -> tuple[list[dict[str, Linear]], int]:
     geos = {f"{i}.{name}": LayerGeometry(n, k, GROUP_SIZE, BLOCK_ROWS)
             for i in range(layers) for name, (n, k) in LINEARS.items()}
     bits, choices = allocate_bits(geos, bpw)
@@ -74,18 +88,28 @@ def sfmp_linears(layers: int, dtype: torch.dtype, bpw: float) -> tuple[list[dict
     for i in range(layers):
         linears = {}
         for j, name in enumerate(LINEARS):
-            key = f"{i}.{name}"
-            state = repack(random_packed(geos[key], bits[key], dtype, "cuda",
-                                         seed=i * len(LINEARS) + j), config)
+            key, seed = f"{i}.{name}", i * len(LINEARS) + j
+            if family == "mma":
+                state = random_mma(geos[key], bits[key], dtype, "cuda", seed=seed)
+                linears[name] = lambda x, s=state: mma_linear(x, s)
+            else:
+                state = repack(random_packed(geos[key], bits[key], dtype, "cuda", seed=seed),
+                               config)
+                linears[name] = lambda x, s=state: cuda_linear(x, s)
             nbytes += state.nbytes
-            linears[name] = lambda x, s=state: cuda_linear(x, s)
         out.append(linears)
     return out, nbytes
 
 
-def build_model(layers: int, dtype: torch.dtype, bpw: float | None) -> Model:
-    linears, nbytes = (dense_linears(layers, dtype) if bpw is None
-                       else sfmp_linears(layers, dtype, bpw))
+def build_model(layers: int, dtype: torch.dtype, bpw: float | None, family: str = "lut",
+                max_batch: int = 16) -> Model:
+    """family "dense", "lut", "mma" or "null" (the linears cost nothing)."""
+    if family == "dense":
+        linears, nbytes = dense_linears(layers, dtype)
+    elif family == "null":
+        linears, nbytes = null_linears(layers, dtype, max_batch)
+    else:
+        linears, nbytes = sfmp_linears(layers, dtype, bpw, family)
     cos, sin = _rope_tables(dtype)
     return Model(embed=torch.randn(VOCAB, HIDDEN, device="cuda", dtype=dtype) * 0.02,
                  lm_head=torch.randn(VOCAB, HIDDEN, device="cuda", dtype=dtype) * 0.02,
@@ -156,10 +180,13 @@ def time_decode(model: Model, batch: int, dtype: torch.dtype) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default="lut,mma",
+                        type=lambda s: [f for f in s.split(",") if f])
     parser.add_argument("--dtypes", default="float16,bfloat16",
                         type=lambda s: [d for d in s.split(",") if d])
-    parser.add_argument("--bpw", default="3.5,4.0", type=lambda s: [float(v) for v in s.split(",")])
-    parser.add_argument("--batch", default="1,8", type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--bpw", default="3.5", type=lambda s: [float(v) for v in s.split(",")])
+    parser.add_argument("--batch", default="1,8,16",
+                        type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -169,30 +196,44 @@ def main() -> int:
     if any(d not in DTYPES for d in args.dtypes):
         print(f"error: --dtypes {args.dtypes}: expected float16 and/or bfloat16", file=sys.stderr)
         return 2
+    if any(f not in ("lut", "mma") for f in args.kernels):
+        print(f"error: --kernels {args.kernels}: expected lut and/or mma", file=sys.stderr)
+        return 2
+    runner = runner_for("cuda")
+    if "mma" in args.kernels:
+        runner.load_mma()
     print(f"{torch.cuda.get_device_name()}, {args.layers} layers at Llama-3.1-8B shapes\n")
-    print("| dtype | linears | linear GB | batch | step ms | tokens/s | vs dense |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | linears | linear GB | batch | step ms | tokens/s | vs dense | linears ms "
+          "| rest ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
+    max_batch = max(args.batch)
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
+        model = build_model(args.layers, dtype, None, "null", max_batch)
+        rest_ms = {batch: time_decode(model, batch, dtype) for batch in args.batch}
+        del model
         dense_ms = {}
-        for bpw in [None, *args.bpw]:
-            model = build_model(args.layers, dtype, bpw)
+        runs = [("dense", None)] + [(f, bpw) for bpw in args.bpw for f in args.kernels]
+        for family, bpw in runs:
+            model = build_model(args.layers, dtype, bpw, family, max_batch)
             for batch in args.batch:
                 ms = time_decode(model, batch, dtype)
                 dense_ms.setdefault(batch, ms)
-                row = dict(dtype=dtype_name, bpw=bpw, batch=batch, step_ms=ms,
+                row = dict(dtype=dtype_name, kernels=family, bpw=bpw, batch=batch, step_ms=ms,
                            tokens_per_s=batch / ms * 1e3, speedup=dense_ms[batch] / ms,
-                           linear_gb=model.weight_bytes / 1e9)
+                           linear_gb=model.weight_bytes / 1e9, rest_ms=rest_ms[batch],
+                           linears_ms=ms - rest_ms[batch])
                 rows.append(row)
-                print(f"| {dtype_name} | {'dense' if bpw is None else f'SFMP {bpw} BPW'} | "
-                      f"{row['linear_gb']:.2f} | {batch} | {ms:.2f} | "
-                      f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x |", flush=True)
+                label = "dense" if bpw is None else f"SFMP {family} {bpw} BPW"
+                print(f"| {dtype_name} | {label} | {row['linear_gb']:.2f} | {batch} | {ms:.2f} | "
+                      f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
+                      f"{row['linears_ms']:.2f} | {row['rest_ms']:.2f} |", flush=True)
+                if args.json:  # after every row: a capped run keeps what it measured
+                    args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                         rows=rows), indent=1))
             del model
             torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows),
-                                        indent=1))
     return 0
 
 

@@ -113,3 +113,54 @@ def copy_bandwidth(nbytes: int = 1 << 30, replays: int = 10) -> float:
     dst = torch.empty_like(src)
     us = time_calls([lambda: dst.copy_(src)], replays=replays)
     return 2 * nbytes / (us * 1e-6)
+
+
+def random_mma(geo: LayerGeometry, block_bits: torch.Tensor, dtype: torch.dtype,
+               device: torch.device | str, seed: int = 0):
+    """A valid MmaLinear (the tensor-core layout) with random words, built on `device`.
+
+    What mma_repack.repack_mma would produce from a random checkpoint, without its CPU work:
+    the words are random anyway, and a 32-layer model at 8B shapes repacks in minutes."""
+    from sfmp_serve.ops.cuda.mma_repack import LANES, TILE_ROWS, WARPS_PER_CTA, MmaLinear, k_space
+    ks = k_space(geo.in_features, geo.group_size)
+    rows = geo.rows().tolist()
+    tiles_per_block = [math.ceil(r / TILE_ROWS) for r in rows]
+    tile_block = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(tiles_per_block))
+    tile_bits = block_bits.to(torch.int64)[tile_block][:, torch.from_numpy(ks.kb_info[:, 2])]
+    chunks = torch.from_numpy(ks.kb_info[:, 1])
+    sizes = (tile_bits * LANES * chunks[None, :]).flatten()
+    offsets = (torch.cumsum(sizes, 0) - sizes).view(tile_bits.shape)
+    padded_of_row = torch.cat([start * TILE_ROWS + torch.arange(r) for start, r in
+                               zip([0] + list(torch.cumsum(torch.tensor(tiles_per_block), 0)[:-1]),
+                                   rows)])
+    n_pad = sum(tiles_per_block) * TILE_ROWS
+    cpu = torch.Generator().manual_seed(seed)
+    perm_out = torch.randperm(geo.out_features, generator=cpu)
+    out_row = torch.full((n_pad,), -1, dtype=torch.int64)
+    out_row[padded_of_row[perm_out]] = torch.arange(geo.out_features)
+    kidx = torch.full((ks.padded_cols,), -1, dtype=torch.int64)
+    kidx[torch.from_numpy(ks.col_to_kp)] = torch.randperm(geo.in_features, generator=cpu)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n_tiles, n_kb = tile_bits.shape
+    scales = torch.rand(n_tiles, n_kb, 8, 2, 2, generator=gen, device=device) * 2e-3
+    scales[..., 1] -= 1e-3  # |w| small and centred: 32 random layers must not overflow fp16
+    qweight = torch.randint(-2**31, 2**31, (int(sizes.sum()),), generator=gen,
+                            dtype=torch.int64, device=device).to(torch.int32)
+    row_blocks = math.ceil(n_tiles / WARPS_PER_CTA)
+    return MmaLinear(
+        qweight=qweight, tile_meta=torch.stack([offsets, tile_bits], -1).to(device, torch.int32),
+        kb_info=torch.from_numpy(ks.kb_info).to(device, torch.int32),
+        kidx=kidx.to(device, torch.int32), scales=scales.to(dtype),
+        out_row=out_row.to(device, torch.int32),
+        gather_index=padded_of_row[perm_out].to(device),
+        counters=torch.zeros(2 * row_blocks, dtype=torch.int32, device=device), bias=None,
+        out_features=geo.out_features, in_features=geo.in_features,
+        group_size=geo.group_size, dtype=dtype)
+
+
+def read_bandwidth(nbytes: int = 1 << 30, replays: int = 10) -> float:
+    """Measured device read bandwidth in bytes/s: a sum over a buffer far beyond the L2."""
+    src = torch.ones(nbytes // 4, dtype=torch.int32, device="cuda")
+    out = torch.empty((), dtype=torch.int64, device="cuda")
+    us = time_calls([lambda: torch.sum(src, out=out)], replays=replays)
+    return nbytes / (us * 1e-6)

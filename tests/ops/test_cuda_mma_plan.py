@@ -90,3 +90,30 @@ def test_mma_backend_is_opt_in_and_names_the_switch(monkeypatch):
     monkeypatch.setenv("SFMP_CUDA_KERNELS", "tensorcores")
     with pytest.raises(SFMPError, match="SFMP_CUDA_KERNELS"):
         CudaMmaBackend().can_implement(_spec())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_path_of_mma_linear_on_the_model_runner(dtype):
+    # The host side of mma_linear.py end to end, kernels executed by the numpy model: 128-row
+    # slices, z-chunks, splits, the prefill gather, whole and chunked dequant, y's gather, bias.
+    from sfmp_serve.ops.cuda.mma_linear import mma_dequant_matmul, mma_gemm, mma_linear
+    from sfmp_serve.ops.cuda.mma_model import ModelRunner
+    from tests.ops.cuda_cases import TOLERANCE, nan_like, random_x, rel_err
+    layer = make_layer(100, 300, (2, 3, 8), dtype, group_size=128, block_rows=40, bias=True)
+    state = repack_mma_linear(layer.packed, layer.config)
+    x = random_x(300, 300, dtype)
+    runner = ModelRunner(multiprocessors=8)
+    paths = {"dispatch": lambda x, s, y, r: mma_linear(x, s, r, out=y), "mma": mma_gemm,
+             "dequant-whole": mma_dequant_matmul,
+             "dequant-chunked": lambda x, s, y, r: mma_dequant_matmul(x, s, y, r, 64 * 384 * 2)}
+    for name, path in paths.items():
+        for m in (1, 9, 65, 129, 300):
+            y = nan_like((m, 100), dtype)
+            path(x[:m], state, y, runner)
+            assert not torch.isnan(y).any(), f"{name} M={m}: outputs left unwritten"
+            assert rel_err(y, layer.reference(x[:m])) < TOLERANCE[dtype], f"{name} M={m}"
+    tag = "f16" if dtype == torch.float16 else "bf16"
+    assert {launch.kernel for launch in runner.launches} == {
+        f"sfmp_mma_{tag}_n1", f"sfmp_mma_{tag}_n2", f"sfmp_mma_{tag}_n8",
+        f"sfmp_mma_dequant_{tag}", f"sfmp_mma_gather_{tag}"}
+    assert any(launch.grid[1] > 1 for launch in runner.launches)  # split-K was planned

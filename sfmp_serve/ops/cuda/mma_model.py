@@ -160,8 +160,8 @@ def rebuild_codes(state: MmaLinear) -> np.ndarray:
 
 
 def kernel_scales(state: MmaLinear) -> tuple[np.ndarray, np.ndarray]:
-    """(2 alpha, beta - alpha (2^b - 1)) per padded row and k-block, float64, as the kernels
-    form them in fp32 (exact for fp16/bf16 inputs, modelled here in float64)."""
+    """(2 alpha, beta - alpha (2^b - 1)) per padded row and k-block, in float64; the kernels
+    form them in fp32 (2 alpha exactly, beta' with one rounding of an fma)."""
     sc = state.scales.to(torch.float64).cpu().numpy()  # [tiles, kb, g, half, ab]
     alpha = sc[..., 0].transpose(0, 3, 2, 1).reshape(state.padded_rows, -1)
     beta = sc[..., 1].transpose(0, 3, 2, 1).reshape(state.padded_rows, -1)
@@ -203,3 +203,70 @@ def model_linear(x: torch.Tensor, state: MmaLinear) -> torch.Tensor:
     if state.bias is not None:
         y += state.bias.to(torch.float64).cpu().numpy()
     return torch.from_numpy(y)
+
+
+class ModelRunner:
+    """A KernelRunner that executes the tensor-core launches with this model, on CPU tensors.
+
+    It checks the host side of mma_linear.py without a GPU: planning, 128-row slices, z-chunks,
+    split partials, the prefill gather, whole and chunked dequantization, the padded-row
+    gather of y and the bias. Launches are checked against the entry points first; results
+    are exact (float64, rounded once to the activation dtype)."""
+
+    def __init__(self, multiprocessors: int = 132):
+        self.multiprocessors = multiprocessors
+        self.launches: list = []
+
+    @staticmethod
+    def _state(qweight, tile_meta, kb_info, kidx, scales, out_row, dtype) -> MmaLinear:
+        return MmaLinear(qweight=qweight, tile_meta=tile_meta, kb_info=kb_info, kidx=kidx,
+                         scales=scales, out_row=out_row, gather_index=out_row, counters=out_row,
+                         bias=None, out_features=0, in_features=0, group_size=0, dtype=dtype)
+
+    def launch(self, launch) -> None:
+        launch.check()
+        self.launches.append(launch)
+        dtype = torch.bfloat16 if "_bf16" in launch.kernel else torch.float16
+        if launch.kernel.startswith("sfmp_mma_gather"):
+            x, kidx, xr, m, _, cols = launch.args
+            idx = kidx.long()
+            xr.copy_(torch.where(idx[None, :] >= 0, x[:m, idx.clamp(min=0)], 0).to(dtype))
+        elif launch.kernel.startswith("sfmp_mma_dequant"):
+            self._dequant(launch.args, dtype)
+        else:
+            self._gemm(launch, dtype)
+
+    def _dequant(self, args, dtype) -> None:
+        qweight, meta, kb_info, scales, out_row, w, _, t0, t1, _, _ = args
+        kidx = torch.zeros(int(kb_info[:, 1].sum()) * CHUNK_COLS, dtype=torch.int32)
+        rows = torch.zeros(meta.shape[0] * TILE_ROWS, dtype=torch.int32)
+        state = self._state(qweight, meta, kb_info, kidx, scales, rows, dtype)
+        scale, shift = kernel_scales(state)
+        kb_of_col = np.repeat(np.arange(kb_info.shape[0]), kb_info[:, 1].numpy() * CHUNK_COLS)
+        w_pad = rebuild_codes(state) * scale[:, kb_of_col] + shift[:, kb_of_col]
+        sel = np.arange(t0 * TILE_ROWS, t1 * TILE_ROWS)
+        if out_row is not None:
+            dest = out_row.numpy()[sel]
+            sel, dest = sel[dest >= 0], dest[dest >= 0]
+        else:
+            dest = sel - t0 * TILE_ROWS
+        w[torch.from_numpy(dest)] = torch.from_numpy(w_pad[sel]).to(dtype)
+
+    def _gemm(self, launch, dtype) -> None:
+        (x, kidx, qweight, meta, kb_info, scales, out_row, bias, partial, counters, y, m, _, _,
+         n_tiles, n_kb, kb_per_split, zchunks) = launch.args
+        grid_x, splits, _ = launch.grid
+        nb = int(launch.kernel.rsplit("_n", 1)[1])
+        if grid_x != -(-n_tiles // 4) * zchunks or splits != -(-n_kb // kb_per_split) or \
+                m > 8 * nb * zchunks or (splits > 1) != (partial is not None):
+            raise ValueError(f"{launch.kernel}: grid {launch.grid} does not cover the layer")
+        if partial is not None and partial.numel() < splits * grid_x * 64 * 8 * nb:
+            raise ValueError(f"{launch.kernel}: partial buffer too small")
+        if counters.numel() < grid_x:
+            raise ValueError(f"{launch.kernel}: {counters.numel()} tickets for {grid_x} blocks")
+        state = self._state(qweight, meta, kb_info, kidx, scales, out_row, dtype)
+        state.bias = bias
+        state.out_features = int(out_row.max()) + 1
+        y_full = model_linear(x[:m], state)
+        cols = out_row.long()[out_row >= 0]
+        y[:m, cols] = y_full[:, cols].to(dtype)

@@ -133,13 +133,13 @@ class MmaLinear:
 
 
 @dataclass(frozen=True)
-class _KSpace:
+class KSpace:
     kb_info: np.ndarray  # [n_kb, 4]
     col_to_kp: np.ndarray  # [K]: padded position of reordered input j
     padded_cols: int
 
 
-def _k_space(in_features: int, group_size: int) -> _KSpace:
+def k_space(in_features: int, group_size: int) -> KSpace:
     kb_rows, col_to_kp, kp = [], np.empty(in_features, dtype=np.int64), 0
     for g in range(math.ceil(in_features / group_size)):
         start = g * group_size
@@ -150,7 +150,7 @@ def _k_space(in_features: int, group_size: int) -> _KSpace:
             n = min(KBLOCK_CHUNKS, chunks - c0)
             kb_rows.append((kp, n, g, 0))
             kp += n * CHUNK_COLS
-    return _KSpace(np.array(kb_rows, dtype=np.int64), col_to_kp, kp)
+    return KSpace(np.array(kb_rows, dtype=np.int64), col_to_kp, kp)
 
 
 def _row_space(shards: Sequence[PackedLinear], config: SFMPConfig):
@@ -168,19 +168,26 @@ def _row_space(shards: Sequence[PackedLinear], config: SFMPConfig):
 
 
 def _plane_words(codes: np.ndarray, bits: int) -> np.ndarray:
-    """codes uint8 [tiles, 16, 64] of one chunk -> plane words uint32 [bits, tiles, 32]."""
+    """codes uint8 [tiles, 16, 64] of one chunk -> plane words uint32 [bits, tiles, 32].
+
+    Plane p's bit x comes from the same code as plane 0's bit x - p (plane_sources), so the
+    codes are gathered once and each plane is plane 0's packing rotated left by p."""
     rows, cols = plane_sources(slot_period(bits))
-    shifts = np.arange(32, dtype=np.uint64)
+    flat = rows[0] * CHUNK_COLS + cols[0]  # [32 lanes, 32 bits] into a tile's 16 x 64 codes
+    picked = np.take(codes.reshape(codes.shape[0], -1), flat, axis=1)  # [tiles, 32, 32]
     out = np.empty((bits, codes.shape[0], LANES), dtype=np.uint32)
     for p in range(bits):
-        picked = codes[:, rows[p], cols[p]]  # [tiles, 32 lanes, 32 bits]
-        plane = ((picked >> p) & 1).astype(np.uint64)
-        out[p] = (plane << shifts).sum(-1).astype(np.uint32)
+        # bit x of a word = element x: little-endian bytes of little-endian bit order
+        q = np.packbits((picked >> p) & 1, axis=-1, bitorder="little").view("<u4")[..., 0]
+        out[p] = q if p == 0 else (q << np.uint32(p)) | (q >> np.uint32(32 - p))
     return out
 
 
+PACK_BATCH = 8192  # (tile, k-block) pairs packed at a time: bounds the temporary memory
+
+
 def _pack_words(codes_pad: np.ndarray, tile_bits: np.ndarray,
-                kspace: _KSpace) -> tuple[np.ndarray, np.ndarray]:
+                kspace: KSpace) -> tuple[np.ndarray, np.ndarray]:
     """Fragment-order words of every (tile, k-block) and their word offsets (tile-major)."""
     n_tiles, n_kb = tile_bits.shape
     chunks = kspace.kb_info[:, 1]
@@ -191,17 +198,20 @@ def _pack_words(codes_pad: np.ndarray, tile_bits: np.ndarray,
     if total >= 2**31:
         raise SFMPError(f"{total} repacked words exceed the kernels' int32 offsets")
     words = np.zeros(total, dtype=np.uint32)
-    tiles = codes_pad.reshape(n_tiles, TILE_ROWS, -1)
-    for kb, (kp, nch, _, _) in enumerate(kspace.kb_info.tolist()):
-        for b in np.unique(tile_bits[:, kb]).tolist():
-            sel = np.nonzero(tile_bits[:, kb] == b)[0]
-            for c in range(nch):
-                block = tiles[sel, :, kp + c * CHUNK_COLS: kp + (c + 1) * CHUNK_COLS]
-                planes = _plane_words(block, b)  # [b, sel, 32]
-                # word (p, lane, c) of the block sits at offset + (p * 32 + lane) * nch + c
-                index = (offsets[sel, kb][None, :, None]
-                         + (np.arange(b)[:, None, None] * LANES
-                            + np.arange(LANES)[None, None, :]) * nch + c)
+    # [tile, chunk, 16, 64]: one contiguous block of codes per (tile, chunk)
+    blocks = np.ascontiguousarray(
+        codes_pad.reshape(n_tiles, TILE_ROWS, -1, CHUNK_COLS).transpose(0, 2, 1, 3))
+    plane_lane = np.arange(MAX_BITS)[:, None] * LANES + np.arange(LANES)[None, :]  # [8, 32]
+    for b in np.unique(tile_bits).tolist():
+        for c in range(KBLOCK_CHUNKS):  # pairs of this width whose k-block has a chunk c
+            tile_idx, kb_idx = np.nonzero((tile_bits == b) & (chunks[None, :] > c))
+            for i in range(0, tile_idx.size, PACK_BATCH):
+                t, kb = tile_idx[i:i + PACK_BATCH], kb_idx[i:i + PACK_BATCH]
+                block = blocks[t, kspace.kb_info[kb, 0] // CHUNK_COLS + c]  # [pairs, 16, 64]
+                planes = _plane_words(block, b)  # [b, pairs, 32]
+                # word (p, lane, c) of a block sits at offset + (p * 32 + lane) * chunks + c
+                index = (offsets[t, kb][None, :, None]
+                         + plane_lane[:b, None, :] * chunks[kb][None, :, None] + c)
                 words[index] = planes
     return words, offsets
 
@@ -215,7 +225,7 @@ def repack_mma(shards: Sequence[PackedLinear], config: SFMPConfig,
     (ops.runtime.compose_output_gather)."""
     check_dtype(dtype, f"layer {name}")
     k = shards[0].in_features
-    kspace = _k_space(k, config.group_size)
+    kspace = k_space(k, config.group_size)
     padded_of_row, n_pad, tile_block = _row_space(shards, config)
     n = padded_of_row.size
     codes_pad = np.zeros((n_pad, kspace.padded_cols), dtype=np.uint8)
