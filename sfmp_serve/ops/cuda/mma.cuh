@@ -32,7 +32,7 @@ constexpr int kThreads = 32 * kWarps;
 // Blocks per SM the register allocation must allow (__launch_bounds__). Without it ptxas aims at
 // about 96 registers and spills at NB = 2 and 4 on sm_90; with it no kernel spills (NB = 8 needs
 // more than 128 registers, hence 2 blocks).
-constexpr int min_blocks(int nb) { return nb <= 4 ? 4 : 2; }
+template <int NB> struct MinBlocks { static constexpr int kValue = NB <= 4 ? 4 : 2; };
 constexpr int kXsStride = kKblockChunks * kChunkCols + 8;  // +16 bytes: ldmatrix conflict-free
 
 template <class T> struct GemmArgs {

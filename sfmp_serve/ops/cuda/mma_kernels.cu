@@ -18,7 +18,7 @@
 
 #define SFMP_DEFINE_MMA(NAME, T, NB)                                                           \
   extern "C" __global__ void __launch_bounds__(sfmp::mma::kThreads,                            \
-                                               sfmp::mma::min_blocks(NB))                     \
+                                               sfmp::mma::MinBlocks<NB>::kValue)                     \
       NAME(SFMP_MMA_PARAMS(T)) {                                                               \
     const sfmp::mma::GemmArgs<T> a{x,       kidx,     qweight, tile_meta, kb_info, scales,     \
                                    out_row, bias,     partial, counters,  y,       M,          \
