@@ -20,7 +20,7 @@ from torch import nn
 
 from offline.streaming import SafetensorsSource, load_skeleton
 from sfmp_serve.arch import ArchSpec, arch_for
-from sfmp_serve.errors import SFMPError
+from sfmp_serve.errors import SFMPError, one_line
 from sfmp_serve.format import ACT_DTYPES, read_hf_config
 from sfmp_serve.model_dir import (check_causal_lm_config, check_finite, check_model_dir,
                                   load_error)
@@ -178,6 +178,5 @@ def load_tokenizer(model_dir: str | os.PathLike):
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise SFMPError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0]})") \
-            from e
+    except Exception as e:  # tokenizers fail with several exception types on damaged files
+        raise SFMPError(f"{model_dir}: cannot load the tokenizer ({one_line(e)})") from e

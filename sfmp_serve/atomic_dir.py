@@ -199,6 +199,9 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         recover(out)
         if out.exists() and not overwrite:
             raise SFMPError(f"{out}: output directory exists (pass --overwrite to replace it)")
+        if out.exists() and not out.is_dir():
+            raise SFMPError(f"{out}: exists and is not a directory; remove it or choose "
+                            "another output path")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = _sibling(out, "tmp")
         os.mkdir(tmp, 0o700)

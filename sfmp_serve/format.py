@@ -162,6 +162,14 @@ _SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN/Inf in `tensor`, checked in chunks: isfinite of a whole embedding would allocate
+    a byte per element at once."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all())
+               for i in range(0, flat.numel(), chunk))
+
+
 # --------------------------------------------------------------------------------------------
 # Geometry: blocks, ragged edges and word offsets
 # --------------------------------------------------------------------------------------------
@@ -307,7 +315,7 @@ class PackedLinear:
         expect("alpha", config.torch_act_dtype, (n, geo.n_groups))
         expect("beta", config.torch_act_dtype, (n, geo.n_groups))
         for t in ("alpha", "beta"):
-            if not torch.isfinite(getattr(self, t)).all():
+            if not all_finite(getattr(self, t)):
                 raise fail(t, "contains NaN or Inf")
         bits = expect("block_bits", torch.uint8, (geo.n_block_rows, geo.n_groups))
         bad_bits = sorted(set(bits.unique().tolist()) - set(config.bit_choices))
@@ -326,7 +334,7 @@ class PackedLinear:
                                   f"[{n}, {k}] need {total}")
         if self.bias is not None and tuple(self.bias.shape) != (n,):
             raise fail("bias", f"shape {tuple(self.bias.shape)}, expected ({n},)")
-        if self.bias is not None and not torch.isfinite(self.bias).all():
+        if self.bias is not None and not all_finite(self.bias):
             raise fail("bias", "contains NaN or Inf")
 
 
@@ -392,7 +400,7 @@ class Checkpoint:
             owner, _, suffix = key.rpartition(".")
             if owner in listed and suffix in TENSOR_SUFFIXES:
                 continue  # alpha/beta checked by PackedLinear.validate; the rest is integer
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise FormatError(f"{self.where(key)}: contains NaN or Inf")
         stats = self.bit_stats()
         for key, actual in (("avg_bits", stats.avg_bits),

@@ -20,7 +20,7 @@ from torch import nn
 
 from sfmp_serve.arch import ARCHITECTURES
 from sfmp_serve.errors import FormatError, SFMPError, one_line
-from sfmp_serve.format import read_hf_config
+from sfmp_serve.format import all_finite, read_hf_config
 from sfmp_serve.weights_file import read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -167,5 +167,5 @@ def load_error(path: Path, e: Exception) -> SFMPError:
 def check_finite(model: nn.Module, where: str = "") -> None:
     """NaN/Inf in any weight makes every result meaningless: name the tensor."""
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
             raise SFMPError(f"{where}weight {name} contains NaN or Inf")

@@ -260,3 +260,7 @@ def test_existing_output_without_overwrite_and_unwritable_parent(tmp_path):
     with pytest.raises(SFMPError, match="cannot prepare the output directory"):
         with atomic_directory(tmp_path / "file" / "ckpt"):
             pass
+    with pytest.raises(SFMPError, match="file: exists and is not a directory"):
+        with atomic_directory(tmp_path / "file", overwrite=True):
+            pass
+    assert (tmp_path / "file").read_text() == "x" and leftovers(tmp_path / "file") == []

@@ -138,3 +138,11 @@ def test_non_finite_unquantized_tensor_names_file_and_tensor(ckpt, tmp_path, val
     with pytest.raises(FormatError, match=rf"bad/model.safetensors: tensor {NORM}: contains "
                                           "NaN or Inf"):
         load_checkpoint(bad)
+
+
+def test_finite_check_looks_at_every_chunk():
+    from sfmp_serve.format import all_finite
+    t = torch.zeros(10, 7)
+    assert all_finite(t, chunk=8)
+    t[9, 6] = float("inf")  # in the last, partial chunk
+    assert not all_finite(t, chunk=8) and not all_finite(t.to(torch.bfloat16), chunk=64)
