@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
-from typing import AbstractSet as Set
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
