@@ -93,11 +93,11 @@ def test_matches_reference(isa, shape, bits, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_large_batches_take_every_path(isa, dtype):
-    """M = 255 runs the gemv (AMX: one call of 255 rows), 256 the dense path, and forcing the
-    gemv for M = 300 chunks it (AMX: 256 + 44 rows)."""
+    """The gemv forced at M = 255 (AMX: one call of 255 rows) and 300 (AMX: 256 + 44 rows), and
+    M = 512, past every ISA's switch to the dense path."""
     fused, weight = _layer((96, 40), 200, 64, 32, (2, 3, 4), dtype)
     state = cpu_native.prepare(fused)
-    for m, dense_min_m in ((255, -1), (256, -1), (300, 1 << 30)):
+    for m, dense_min_m in ((255, 1 << 30), (300, 1 << 30), (512, -1)):
         x = torch.randn(m, 200).to(dtype)
         assert _rel_err(state.forward(x, dense_min_m), x.double() @ weight.t()) < TOLERANCE[dtype]
 

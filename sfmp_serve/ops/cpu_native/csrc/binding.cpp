@@ -158,7 +158,11 @@ class Layer {
     const IsaKernels& isa = current_isa();
     dispatch_act(x.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      if (x.size(0) >= (dense_min_m > 0 ? dense_min_m : isa.dense_min_m))
+      const int64_t switch_m = dense_min_m > 0 ? dense_min_m
+                               : out_features_ * in_features_ < kSmallLayerWeights
+                                   ? isa.dense_min_m_small
+                                   : isa.dense_min_m;
+      if (x.size(0) >= switch_m)
         dense<T>(x, out, isa);
       else
         gemv<T>(x, out, isa);

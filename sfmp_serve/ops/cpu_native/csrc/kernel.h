@@ -97,8 +97,13 @@ struct IsaKernels {
   int batch_min_m;
   GemvKernel f32;         // float32 (and float16, converted) activations
   DequantFn dequant;
-  int dense_min_m;        // from this many activation rows on: dequantize + GEMM (measured)
+  // From this many activation rows on: dequantize + GEMM instead of the gemv (measured with
+  // bench/cpu_op.py); layers of fewer than kSmallLayerWeights weights switch at dense_min_m_small
+  // (their dequantization costs little next to their GEMM).
+  int dense_min_m;
+  int dense_min_m_small;
 };
+constexpr int64_t kSmallLayerWeights = 4 << 20;
 
 IsaKernels amx_kernels();  // needs the OS to grant AMX tile state first (binding.cpp)
 IsaKernels avx512_bf16_kernels();

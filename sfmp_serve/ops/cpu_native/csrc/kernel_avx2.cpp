@@ -224,7 +224,7 @@ static void dequant(const DequantArgs& a) {
 }  // namespace
 
 IsaKernels avx2_kernels() {
-  return {"avx2", {}, {}, 0, {gemv, kMaxMb, 8, XLayout::PairsF32}, dequant, 16};
+  return {"avx2", {}, {}, 0, {gemv, kMaxMb, 8, XLayout::PairsF32}, dequant, 16, 16};
 }
 
 }  // namespace sfmp_cpu

@@ -14,7 +14,7 @@ namespace {
 
 IsaKernels avx512_kernels() {
   const GemvKernel f32{gemv<F32Path>, 8, F32Path::kMaxBits, XLayout::PairsF32};
-  return {"avx512", {}, {}, 0, f32, dequant, 32};
+  return {"avx512", {}, {}, 0, f32, dequant, 32, 32};
 }
 
 }  // namespace sfmp_cpu

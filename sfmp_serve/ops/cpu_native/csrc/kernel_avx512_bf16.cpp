@@ -19,7 +19,7 @@ namespace {
 IsaKernels avx512_bf16_kernels() {
   const GemvKernel bf16{gemv<Bf16Path>, 8, Bf16Path::kMaxBits, XLayout::PairsBf16};
   const GemvKernel f32{gemv<F32Path>, 8, F32Path::kMaxBits, XLayout::PairsF32};
-  return {"avx512_bf16", bf16, {}, 0, f32, dequant, 32};
+  return {"avx512_bf16", bf16, {}, 0, f32, dequant, 32, 32};
 }
 
 }  // namespace sfmp_cpu
