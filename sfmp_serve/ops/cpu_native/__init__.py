@@ -10,8 +10,8 @@ the number of activation rows M and the instruction set:
   (one vdpbf16ps per 32 weights and activation row, fp32 accumulation) or into fp32 codes
   for the fp32 path (AVX-512 or AVX2); up to 8 activation rows share each decoded vector.
 - 2 <= M < 512 (128 for layers under 4M weights) with bf16 activations on AMX CPUs: the
-  decoded pair vectors are exactly the rows of an AMX B tile; a (tile, group)'s B tiles are decoded once into L1 and multiplied
-  with every 16-row block of activations by tdpbf16ps.
+  decoded pair vectors are exactly the rows of an AMX B tile; a (tile, group)'s B tiles are
+  decoded once into L1 and multiplied with every 16-row block of activations by tdpbf16ps.
 - Per (tile, group) the scale and offset are applied in fp32, as the format defines them.
 - M >= the dense threshold (prefill): the layer dequantized straight into the original order
   (bf16 for bf16 activations, rounded once as the GPU path does, else fp32; a per-thread
