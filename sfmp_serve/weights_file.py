@@ -8,9 +8,10 @@ file's own header metadata, so every file (shard) carries the digests of its ten
 
 BLAKE3 rather than SHA-256: both are cryptographic hashes, so no accidental corruption (a flipped
 bit, a truncated copy, an edited header) goes unnoticed, but BLAKE3 is built for throughput
-(SIMD over a Merkle tree): 6.0 GB/s on one core of the 2-core x86 VM this project is developed
-on, against 1.5 GB/s for SHA-256 with the SHA instructions (bench/verify_cost.py), and the gap is
-wider on CPUs without them. It is already a dependency of vLLM.
+(SIMD over a Merkle tree): 4-5x the speed of SHA-256 on one core of the 2-core x86 VM this
+project is developed on, which has the SHA instructions (4.5 vs 0.83 GB/s under load,
+bench/verify_cost.py, docs/integrity.md), and the gap is wider on CPUs without them. It is
+already a dependency of vLLM.
 
 The digest covers what a reader relies on, not only the bytes: the tensor's name, its dtype as
 safetensors spells it and its shape, then its raw little-endian data. So a header edit that

@@ -45,7 +45,7 @@ KV_CACHE_FRACTION = 0.25  # of the memory available at start-up
 KV_CACHE_MAX_BYTES = 4 << 30
 KV_CACHE_MIN_BYTES = 256 << 20
 # Measured by bench/verify_cost.py (docs/integrity.md), for --no-verify's help.
-VERIFY_SECONDS_PER_GB = 0.25
+VERIFY_SECONDS_PER_GB = 0.3
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
