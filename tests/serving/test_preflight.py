@@ -139,14 +139,23 @@ def test_plugin_leaves_hub_names_to_vllm(caplog, checkpoint):
 def test_gauges_report_the_served_tensors_not_the_config(monkeypatch):
     """The config says 3.0 average bits; the gauges show what the loaded layers hold."""
     from prometheus_client import REGISTRY
+    from vllm.model_executor.layers.linear import LinearBase
 
     from sfmp_serve.quant_method import linear_method
+    from sfmp_serve.quant_method.config import SFMPQuantConfig
     from tests.serving.packed import random_packed, sfmp_config
-    from tests.serving.test_quant_method import FakeLinear, _quant_config
+
+    class FakeLinear(LinearBase):
+        """A LinearBase without vLLM's distributed set-up: only what the method touches."""
+
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            self.params_dtype = torch.float32
 
     monkeypatch.setattr(linear_method, "_served", BitStats(0, 0, 0))
-    method = _quant_config(("model.layers.0.mlp.down_proj",)).get_quant_method(
-        FakeLinear(), "model.layers.0.mlp.down_proj")
+    name = "model.layers.0.mlp.down_proj"
+    config = SFMPQuantConfig.from_config(sfmp_config((name,)).to_dict())  # avg_bits 3.0
+    method = config.get_quant_method(FakeLinear(), name)
     layer = FakeLinear()
     method.create_weights(layer, 64, [48], 64, 48, torch.float32)
     shard = random_packed(48, 64, sfmp_config(bit_choices=(4,)),  # all 4-bit blocks
