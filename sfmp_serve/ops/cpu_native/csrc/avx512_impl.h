@@ -329,7 +329,7 @@ static inline __m512i to_bf16x32(__m512 lo, __m512 hi) {
 // 16 fp32 columns per step), written with non-temporal stores where aligned: the dense
 // weight is far larger than the caches and is read back only by the GEMM, so reading its
 // lines in before overwriting them (what ordinary stores do) would double the traffic.
-static void write_rows(const float* tile, const DequantArgs& a, const int64_t* rows) {
+static void write_rows(const float* tile, const DequantArgs& a, const int32_t* rows) {
   const int64_t ld = a.ld;
   const int64_t step = a.bf16_out ? 32 : 16;
   const int64_t elem = a.bf16_out ? 2 : 4;
@@ -341,12 +341,12 @@ static void write_rows(const float* tile, const DequantArgs& a, const int64_t* r
     __m512 r[2][16];
     for (int h = 0; h < step / 16; ++h) {
       for (int c = 0; c < 16; ++c)
-        r[h][c] = _mm512_loadu_ps(tile + a.col_src[c0 + 16 * h + c] * kTileRows);
+        r[h][c] = _mm512_loadu_ps(tile + (int64_t)a.col_src[c0 + 16 * h + c] * kTileRows);
       transpose16(r[h]);  // r[h][i] = row i, columns c0 + 16h ...
     }
     for (int i = 0; i < kTileRows; ++i) {
       if (rows[i] < 0) continue;
-      char* dst = static_cast<char*>(a.w) + (rows[i] * ld + c0) * elem;
+      char* dst = static_cast<char*>(a.w) + ((int64_t)rows[i] * ld + c0) * elem;
       const __m512i v = a.bf16_out ? to_bf16x32(r[0][i], r[1][i]) : _mm512_castps_si512(r[0][i]);
       if (stream)
         _mm512_stream_si512((__m512i*)dst, v);
@@ -357,12 +357,12 @@ static void write_rows(const float* tile, const DequantArgs& a, const int64_t* r
   for (int i = 0; i < kTileRows; ++i) {
     if (rows[i] < 0) continue;
     for (int64_t c = full; c < ld; ++c) {
-      const float v = tile[a.col_src[c] * kTileRows + i];
+      const float v = tile[(int64_t)a.col_src[c] * kTileRows + i];
       if (a.bf16_out)
-        ((uint16_t*)a.w)[rows[i] * ld + c] =
+        ((uint16_t*)a.w)[(int64_t)rows[i] * ld + c] =
             (uint16_t)_mm256_extract_epi16(to_bf16(_mm512_set1_ps(v)), 0);
       else
-        ((float*)a.w)[rows[i] * ld + c] = v;
+        ((float*)a.w)[(int64_t)rows[i] * ld + c] = v;
     }
   }
 }

@@ -143,8 +143,8 @@ class Layer {
 
   int64_t nbytes() const {
     int64_t n = 0;
-    for (const auto* t : {&planes_, &tile_off_, &bits_, &kpairs_, &alpha_, &beta_, &in_gather_,
-                          &scatter_, &out_pos_, &in_pos_, &gather_safe_})
+    for (const auto* t : {&planes_, &tile_off_, &bits_, &kpairs_, &alpha_, &beta_, &scatter_,
+                          &out_pos_, &in_pos_, &gather_safe_})
       n += t->numel() * t->element_size();
     return n;
   }
@@ -256,9 +256,9 @@ class Layer {
     const int64_t es = shards[0].alpha.element_size();
     alpha_ = at::zeros({n_tiles_ * ng * kTileRows}, shards[0].alpha.options());
     beta_ = at::zeros_like(alpha_);
-    scatter_ = at::full({n_tiles_ * kTileRows}, -1, at::kLong);
+    scatter_ = at::full({n_tiles_ * kTileRows}, -1, at::kInt);
     const int64_t* scat_in = scatter.data_ptr<int64_t>();
-    int64_t* scat = scatter_.data_ptr<int64_t>();
+    int32_t* scat = scatter_.data_ptr<int32_t>();
     uint32_t* planes = reinterpret_cast<uint32_t*>(planes_.data_ptr<int32_t>());
 
     at::parallel_for(0, n_tiles_, 16, [&](int64_t b, int64_t e) {
@@ -296,31 +296,37 @@ class Layer {
                           s + ((shard_row0 + i) * ng + g) * es, es);
           }
         }
-        for (int64_t i = 0; i < ts.rows; ++i) scat[t * kTileRows + i] = scat_in[ts.cat_row0 + i];
+        for (int64_t i = 0; i < ts.rows; ++i)
+          scat[t * kTileRows + i] = (int32_t)scat_in[ts.cat_row0 + i];
       }
     });
 
     kpairs_ = at::tensor(kpairs, at::kInt);
-    in_gather_ = at::full({ng * gs}, -1, at::kLong);
+    // Input of every padded reordered column (-1: padding), and its inverse. 32-bit tables:
+    // on small layers they are a visible part of the resident bytes.
+    std::vector<int32_t> gather(ng * gs, -1);
     const int64_t* p = perm.data_ptr<int64_t>();
-    int64_t* gather = in_gather_.data_ptr<int64_t>();
     for (int64_t g = 0; g < ng; ++g)
       for (int64_t j = 0; j < cols[g]; ++j) {
         TORCH_CHECK(p[g * gs + j] >= 0 && p[g * gs + j] < in_features_,
                     "sfmp: input_perm entry out of range");
-        gather[g * gs + j] = p[g * gs + j];
+        gather[g * gs + j] = (int32_t)p[g * gs + j];
       }
-    out_pos_ = at::empty({out_features_}, at::kLong);
-    int64_t* pos = out_pos_.data_ptr<int64_t>();
+    out_pos_ = at::empty({out_features_}, at::kInt);
+    int32_t* pos = out_pos_.data_ptr<int32_t>();
     for (int64_t r = 0; r < n_tiles_ * kTileRows; ++r)
-      if (scat[r] >= 0) pos[scat[r]] = r;
-    in_pos_ = at::empty({in_features_}, at::kLong);
-    int64_t* in_pos = in_pos_.data_ptr<int64_t>();
-    for (int64_t k = 0; k < ng * gs; ++k)
-      if (gather[k] >= 0) in_pos[gather[k]] = k;
-    gather_safe_ = in_gather_.clamp_min(0);
-    for (int64_t k = 0; k < ng * gs; ++k)
-      if (gather[k] < 0) padding_.push_back(k);
+      if (scat[r] >= 0) pos[scat[r]] = (int32_t)r;
+    in_pos_ = at::empty({in_features_}, at::kInt);
+    gather_safe_ = at::empty({ng * gs}, at::kInt);
+    int32_t* in_pos = in_pos_.data_ptr<int32_t>();
+    int32_t* safe = gather_safe_.data_ptr<int32_t>();
+    for (int64_t k = 0; k < ng * gs; ++k) {
+      safe[k] = std::max(gather[k], 0);
+      if (gather[k] >= 0)
+        in_pos[gather[k]] = (int32_t)k;
+      else
+        padding_.push_back(k);
+    }
   }
 
   // The gemv kernel for this call: bf16 kernels need every block within their exact width.
@@ -339,7 +345,7 @@ class Layer {
   template <class T>
   void gather_row(const T* row, T* dst) const {
     const int64_t n = n_groups_ * group_size_;
-    const int64_t* gather = gather_safe_.data_ptr<int64_t>();
+    const int32_t* gather = gather_safe_.data_ptr<int32_t>();
     for (int64_t k = 0; k < n; ++k) dst[k] = row[gather[k]];
     for (int64_t p : padding_) dst[p] = T(0.f);
   }
@@ -417,7 +423,7 @@ class Layer {
                      yc + c * mbmax * ldy, ldy, out_kind, t0, std::min(e, t0 + step)});
     });
     // The output permutation: sequential writes, reads within one row of ycat.
-    const int64_t* pos = out_pos_.data_ptr<int64_t>();
+    const int32_t* pos = out_pos_.data_ptr<int32_t>();
     T* y = out.data_ptr<T>();
     at::parallel_for(0, m_total, 1, [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m)
@@ -428,8 +434,8 @@ class Layer {
   // Every weight, dequantized into `w` [out_features, in_features] in the original order.
   void dequantize_into(void* w, bool bf16_out, const IsaKernels& isa) const {
     const LayerView v = view();
-    const int64_t* rows = scatter_.data_ptr<int64_t>();
-    const int64_t* cols = in_pos_.data_ptr<int64_t>();
+    const int32_t* rows = scatter_.data_ptr<int32_t>();
+    const int32_t* cols = in_pos_.data_ptr<int32_t>();
     at::parallel_for(0, n_tiles_, 4, [&](int64_t b, int64_t e) {
       std::vector<float> tile(n_groups_ * group_size_ * kTileRows);  // one decoded tile
       isa.dequant({&v, b, e, w, in_features_, rows, cols, bf16_out, tile.data()});
@@ -466,10 +472,11 @@ class Layer {
   int64_t in_features_, group_size_, n_groups_ = 0, out_features_ = 0, n_tiles_ = 0,
                                      max_bits_ = 0;
   ScaleKind scale_kind_ = ScaleKind::F32;
-  at::Tensor planes_, tile_off_, bits_, kpairs_, alpha_, beta_, in_gather_, scatter_;
-  at::Tensor out_pos_;            // [out_features]: tile row (t * 16 + i) of each output
-  at::Tensor in_pos_;             // [in_features]: padded reordered column of each input
-  at::Tensor gather_safe_;        // in_gather_ with padding pointing at input 0 ...
+  at::Tensor planes_, tile_off_, bits_, kpairs_, alpha_, beta_;
+  at::Tensor scatter_;            // int32 [n_tiles * 16]: original output of each tile row, -1
+  at::Tensor out_pos_;            // int32 [out_features]: tile row (t * 16 + i) of each output
+  at::Tensor in_pos_;             // int32 [in_features]: padded reordered column of each input
+  at::Tensor gather_safe_;        // int32: input of each padded column, padding at input 0 ...
   std::vector<int64_t> padding_;  // ... and the padding positions, zeroed after gathering
 };
 

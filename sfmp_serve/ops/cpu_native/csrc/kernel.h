@@ -74,8 +74,8 @@ struct DequantArgs {
   int64_t t0, t1;
   void* w;
   int64_t ld;
-  const int64_t* row_dst;
-  const int64_t* col_src;
+  const int32_t* row_dst;
+  const int32_t* col_src;
   bool bf16_out;
   float* tile;  // n_groups * group_size * 16 floats
 };

@@ -175,15 +175,15 @@ static inline uint16_t bf16_bits(float v) {
   return h[0];
 }
 
-static void write_rows(const float* tile, const DequantArgs& a, const int64_t* rows) {
+static void write_rows(const float* tile, const DequantArgs& a, const int32_t* rows) {
   for (int i = 0; i < kTileRows; ++i) {
     if (rows[i] < 0) continue;
     if (a.bf16_out) {
-      uint16_t* dst = (uint16_t*)a.w + rows[i] * a.ld;
-      for (int64_t c = 0; c < a.ld; ++c) dst[c] = bf16_bits(tile[a.col_src[c] * kTileRows + i]);
+      uint16_t* dst = (uint16_t*)a.w + (int64_t)rows[i] * a.ld;
+      for (int64_t c = 0; c < a.ld; ++c) dst[c] = bf16_bits(tile[(int64_t)a.col_src[c] * kTileRows + i]);
     } else {
-      float* dst = (float*)a.w + rows[i] * a.ld;
-      for (int64_t c = 0; c < a.ld; ++c) dst[c] = tile[a.col_src[c] * kTileRows + i];
+      float* dst = (float*)a.w + (int64_t)rows[i] * a.ld;
+      for (int64_t c = 0; c < a.ld; ++c) dst[c] = tile[(int64_t)a.col_src[c] * kTileRows + i];
     }
   }
 }
