@@ -9,7 +9,7 @@ the number of activation rows M and the instruction set:
   pairs at a time) or with mask registers, straight into bf16(128 + q) for bf16 activations
   (one vdpbf16ps per 32 weights and activation row, fp32 accumulation) or into fp32 codes
   for the fp32 path (AVX-512 or AVX2); up to 8 activation rows share each decoded vector.
-- 2 <= M < 512 (128 for layers under 4M weights) with bf16 activations on AMX CPUs: the
+- 2 <= M < 512 (192 for layers under 4M weights) with bf16 activations on AMX CPUs: the
   decoded pair vectors are exactly the rows of an AMX B tile; a (tile, group)'s B tiles are
   decoded once into L1 and multiplied with every 16-row block of activations by tdpbf16ps.
 - Per (tile, group) the scale and offset are applied in fp32, as the format defines them.
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 BACKEND_PRIORITY = 10
 # Rows from which dequantize + GEMM replaces the GEMV; -1: each ISA's own (measured with
-# bench/cpu_op.py: with AMX 512, or 128 for layers under 4M weights; 32 with AVX-512, 16
+# bench/cpu_op.py: with AMX 512, or 192 for layers under 4M weights; 32 with AVX-512, 16
 # with AVX2).
 DENSE_MIN_M = -1
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

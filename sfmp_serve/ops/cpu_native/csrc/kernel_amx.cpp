@@ -175,7 +175,7 @@ IsaKernels amx_kernels() {
   const GemvKernel bf16{gemv<Bf16Path>, 8, Bf16Path::kMaxBits, XLayout::PairsBf16};
   const GemvKernel batch{gemv_amx, kMaxMb, Bf16Path::kMaxBits, XLayout::RowsBf16};
   const GemvKernel f32{gemv<F32Path>, 8, F32Path::kMaxBits, XLayout::PairsF32};
-  return {"amx", bf16, batch, 2, f32, dequant, 512, 128};
+  return {"amx", bf16, batch, 2, f32, dequant, 512, 192};
 }
 
 }  // namespace sfmp_cpu
