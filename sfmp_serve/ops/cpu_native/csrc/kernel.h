@@ -64,11 +64,10 @@ struct GemvArgs {
 // Dense weights of tiles [t0, t1) written straight into the ORIGINAL order, for prefill GEMMs:
 //   w[row_dst[t * 16 + i] * ld + c] = W[tile t row i, padded reordered column col_src[c]]
 // for every original column c < ld, skipping padding rows (row_dst -1); bf16 (rounded to
-// nearest even) or float. Folding both permutations into the dequantizer costs about one extra
-// pass over the weights, once per call; permuting the activations instead costs M x (in + out)
-// moves (~1 ns per element), more than the weights once M is in the hundreds. Each tile is
-// first decoded into `tile` (16 rows per padded reordered column, sequential stores), then its
-// rows are written out in the original column order (gathered loads, whole-line stores).
+// nearest even) or float. Folding both permutations into the dequantizer lets the GEMM take the
+// activations as they are and write its outputs where they belong. Each tile is first decoded
+// into `tile` (16 rows per padded reordered column, sequential stores), then its rows are
+// written out in the original column order (gathered loads, whole-line stores).
 struct DequantArgs {
   const LayerView* layer;
   int64_t t0, t1;
