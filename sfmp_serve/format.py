@@ -38,6 +38,15 @@ TENSOR_SUFFIXES = ("qweight", "alpha", "beta", "block_bits", "block_offsets", "i
 WEIGHTS_FILE = "model.safetensors"
 # Header metadata of the weights file (weights_file.py adds the checksums).
 WEIGHTS_METADATA = {"format": "pt", "sfmp_format_version": str(FORMAT_VERSION)}
+# config.json key and value that make plain transformers refuse the checkpoint: without
+# `import sfmp_serve.hf` it would ignore the unknown quant_method and run the model with random
+# linears. transformers raises a ValueError quoting any `transformers_weights` that names no
+# safetensors file, before it reads a weight; the registered quantizer removes the key first
+# (hf/hf_quantizer.py), and vLLM never reads it. Not a format change: readers ignore it.
+TRANSFORMERS_GUARD_KEY = "transformers_weights"
+TRANSFORMERS_GUARD = ("this is an SFMP checkpoint: `import sfmp_serve.hf` before "
+                      "from_pretrained to load it (pip install sfmp-serve); for lm-eval use "
+                      "`sfmp eval lm-eval`")
 # avg_bits / bits_per_weight are written rounded to 6 decimals; a larger difference from what
 # the tensors give means the config was edited (or belongs to other tensors).
 BITS_TOLERANCE = 2e-6
@@ -502,6 +511,7 @@ def write_checkpoint(out_dir: str | os.PathLike, hf_config: Mapping[str, Any],
     with atomic_directory(out_dir, overwrite) as tmp:
         cfg = dict(hf_config)
         cfg["quantization_config"] = config.to_dict()
+        cfg[TRANSFORMERS_GUARD_KEY] = TRANSFORMERS_GUARD
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         write_weights(tmp / WEIGHTS_FILE, tensors, WEIGHTS_METADATA)
         for f in copy_files:

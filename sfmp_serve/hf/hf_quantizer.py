@@ -1,12 +1,14 @@
 """`AutoModelForCausalLM.from_pretrained(sfmp_ckpt)` through transformers' quantizer registry.
 
-Without this, transformers warns "Unknown quantization type" and silently loads a model whose
-quantized linears are randomly initialised. `register_transformers()` (called on import of
-sfmp_serve.hf) registers the "sfmp" config and quantizer: before loading, the checkpoint is read
-and checked as `load_sfmp_model` checks it (checksums, structure, finite values, every
-parameter of the model present at its shape) and each listed linear becomes an SFMPLinear with
-empty buffers shaped like the checkpoint's tensors; transformers fills them by name; after
-loading, every layer is validated again as transformers stored it.
+Without this, transformers would warn "Unknown quantization type" and load a model whose
+quantized linears are randomly initialised; checkpoints therefore carry a guard in config.json
+that stops such a load with the import to make (format.TRANSFORMERS_GUARD), and the quantizer
+removes it before transformers looks for the weight files. `register_transformers()` (called on
+import of sfmp_serve.hf) registers the "sfmp" config and quantizer: before loading, the
+checkpoint is read and checked as `load_sfmp_model` checks it (checksums, structure, finite
+values, every parameter of the model present at its shape) and each listed linear becomes an
+SFMPLinear with empty buffers shaped like the checkpoint's tensors; transformers fills them by
+name; after loading, every layer is validated again as transformers stored it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sfmp_serve.errors import SFMPError
-from sfmp_serve.format import (QUANT_METHOD, TENSOR_SUFFIXES, PackedLinear, SFMPConfig,
-                               load_checkpoint)
+from sfmp_serve.format import (QUANT_METHOD, TENSOR_SUFFIXES, TRANSFORMERS_GUARD_KEY,
+                               PackedLinear, SFMPConfig, load_checkpoint)
 from sfmp_serve.hf.linear import SFMPLinear, replace_module
 from sfmp_serve.hf.model_check import check_complete
 
@@ -53,6 +55,13 @@ class SFMPHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             raise ValueError("sfmp: transformers can only load SFMP checkpoints; create them "
                              "with `sfmp quantize`")
+
+    def update_tp_plan(self, config):
+        # The first hook that receives the model's config before transformers resolves the
+        # weight files, where the guard would stop the load; our reader finds them itself.
+        if TRANSFORMERS_GUARD_KEY in config:
+            delattr(config, TRANSFORMERS_GUARD_KEY)
+        return super().update_tp_plan(config)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None,
                                              **kwargs: Any) -> None:
