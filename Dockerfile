@@ -37,5 +37,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
 # /metrics) and starts vLLM's OpenAI server with --model CKPT --quantization sfmp (it refuses
 # both options from the user). Arguments after the image name replace CMD, e.g.
 # `docker run ... sfmp-serve:gpu /models/model --host 0.0.0.0 --max-model-len 4096`.
-ENTRYPOINT ["sfmp", "serve"]
+# --verbose: vLLM's log on stdout, where container runtimes collect it (not in a file).
+ENTRYPOINT ["sfmp", "serve", "--verbose"]
 CMD ["/models/model", "--host", "0.0.0.0", "--port", "8000"]

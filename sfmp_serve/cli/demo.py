@@ -4,15 +4,21 @@ import (GGUF -> bf16 HF directory, reused if present) -> quantize (SFMP pipeline
 -> greedy generation from the bf16 and the quantized model -> serve the checkpoint with vLLM
 and answer one completion request. Steps are plain functions over one
 shared DemoState in the list STEPS, so a new step (e.g. serving) is one more function.
+
+Quiet unless --verbose: the steps, their progress bars and results, and warnings; vLLM's log
+goes to WORK/vllm.log (`sfmp serve --log-file`), transformers' and sfmp's INFO messages are
+not shown.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sfmp_serve.errors import SFMPError
 
@@ -28,6 +34,7 @@ class DemoState:
     gguf: str | None = None
     nsamples: int | None = None
     seqlen: int | None = None
+    verbose: bool = False
     results: dict[str, Any] = field(default_factory=dict)  # what steps hand to later steps
 
     @property
@@ -37,6 +44,10 @@ class DemoState:
     @property
     def ckpt_dir(self) -> Path:
         return self.work / f"model-sfmp-{self.bits:g}bit"
+
+    @property
+    def vllm_log(self) -> Path:
+        return self.work / "vllm.log"
 
 
 def step_import(state: DemoState) -> None:
@@ -106,7 +117,7 @@ def _wait_healthy(proc, url: str, timeout: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SFMPError(f"sfmp serve exited with status {proc.returncode} during start-up "
-                            "(its log is above)")
+                            "(why is above)")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5):
                 return
@@ -126,7 +137,8 @@ def step_serve(state: DemoState) -> None:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "sfmp_serve.cli.main", "serve", str(state.ckpt_dir),
                "--port", str(port), "--max-model-len", "1024",
-               "--kv-cache-memory-bytes", str(1 << 30)]
+               "--kv-cache-memory-bytes", str(1 << 30),
+               *(["--verbose"] if state.verbose else ["--log-file", str(state.vllm_log)])]
     print(f"starting {' '.join(command[2:])}")
     proc = subprocess.Popen(command)
     try:
@@ -171,16 +183,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, help="calibration tokens per sequence")
     p.add_argument("--no-serve", action="store_true",
                    help="stop after generation (skip serving with vLLM)")
+    # dest "loud": `sfmp -v` sets "verbose" (debug logging), which implies this too.
+    p.add_argument("--verbose", dest="loud", action="store_true",
+                   help="show every log message, and vLLM's log (default: WORK/vllm.log)")
     p.set_defaults(func=run)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Progress bars, results and warnings only: sfmp's INFO messages and transformers' own
+    notices and loading bars are what buries a result on a newcomer's terminal. Restored on
+    exit (the demo also runs inside other programs, such as the tests)."""
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger()
+    level, hf_level = root.level, hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    root.setLevel(logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        hf_logging.set_verbosity(hf_level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def run(args: argparse.Namespace) -> int:
+    verbose = args.loud or args.verbose
     state = DemoState(Path(args.work), args.bits, args.prompt, args.max_new_tokens, args.gguf,
-                      args.nsamples, args.seqlen)
+                      args.nsamples, args.seqlen, verbose)
     steps = [(n, f) for n, f in STEPS if not (args.no_serve and n == "serve")]
-    for i, (name, step) in enumerate(steps, 1):
-        print(f"== [{i}/{len(steps)}] {name}")
-        start = time.perf_counter()
-        step(state)
-        print(f"   ({time.perf_counter() - start:.1f} s)")
+    with contextlib.nullcontext() if verbose else _quiet():
+        for i, (name, step) in enumerate(steps, 1):
+            print(f"== [{i}/{len(steps)}] {name}", flush=True)
+            start = time.perf_counter()
+            step(state)
+            print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
     return 0

@@ -1,5 +1,5 @@
-"""`sfmp serve CKPT [--host H] [--port P] [--no-verify] [vLLM options...]`: vLLM's OpenAI server
-for SFMP.
+"""`sfmp serve CKPT [--host H] [--port P] [--no-verify] [--verbose] [--log-file F] [vLLM
+options...]`: vLLM's OpenAI server for SFMP.
 
 Checks the checkpoint first (sfmp_serve.preflight: checksums, structure, finite values, every
 parameter of the model present; a clean one-line error instead of a stack trace from deep in
@@ -10,6 +10,11 @@ the server's /metrics, next to vLLM's own), then runs
 SIGTERM and SIGHUP are passed on to it, its exit status is this command's, and the metrics
 directory it made is removed when vLLM exits (an exec could not clean up after itself).
 Options it does not know go to vLLM unchanged, e.g. --max-model-len 2048 --dtype bfloat16.
+
+Quiet by default: vLLM's output goes to a log file (--log-file, else a new one in the temporary
+directory) and the terminal shows its path, progress while vLLM starts, the address once it
+serves, vLLM's errors, and the end of the log if it fails (cli/vllm_output.py). --verbose
+shows vLLM's own output instead, as containers want it (the Dockerfiles pass it).
 
 On the CPU build of vLLM, when nothing sizes the KV cache (--kv-cache-memory-bytes,
 --gpu-memory-utilization, VLLM_CPU_KVCACHE_SPACE), it passes --kv-cache-memory-bytes with a
@@ -28,8 +33,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+from sfmp_serve.cli.vllm_output import Quiet, child_warnings, quiet_for, report_exit, say, watch
 from sfmp_serve.errors import SFMPError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +58,8 @@ VERIFY_SECONDS_PER_GB = 0.3
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="serve an SFMP checkpoint with vLLM's OpenAI-compatible server",
-        usage="sfmp serve CKPT [--host HOST] [--port PORT] [--no-verify] [vLLM options ...]",
+        usage="sfmp serve CKPT [--host HOST] [--port PORT] [--no-verify] [--verbose] "
+              "[--log-file FILE] [vLLM options ...]",
         description=__doc__.split("\n\n")[0],
         epilog="Every other option is passed to vLLM's OpenAI server unchanged.")
     parser.add_argument("checkpoint", help="SFMP checkpoint directory (from `sfmp quantize`)")
@@ -61,22 +69,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="skip the checksum of every tensor at start-up (about "
                              f"{VERIFY_SECONDS_PER_GB} s per GB here; see docs/integrity.md); "
                              "structure, finite values and completeness are still checked")
+    # dest "loud": `sfmp -v` sets "verbose" (debug logging), which implies this too.
+    parser.add_argument("--verbose", dest="loud", action="store_true",
+                        help="show vLLM's output here instead of writing it to the log file")
+    parser.add_argument("--log-file", metavar="FILE",
+                        help="where vLLM's output goes unless --verbose (default: a new "
+                             "sfmp-serve-PORT-TIME.log in the temporary directory)")
     # argparse would stop at the first unknown option; collect everything after CKPT instead
     # and take --host/--port out of it again in `split_args`.
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
-def split_args(args: argparse.Namespace) -> tuple[str, int, bool, list[str]]:
-    """(host, port, verify, options for vLLM), whatever the order on the command line."""
+def split_args(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
+    """(this command's options, options for vLLM), whatever the order on the command line."""
     inner = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     inner.add_argument("--host", default=args.host)
     inner.add_argument("--port", type=int, default=args.port)
     inner.add_argument("--no-verify", action="store_true", default=args.no_verify)
+    inner.add_argument("--verbose", dest="loud", action="store_true", default=args.loud)
+    inner.add_argument("--log-file", default=args.log_file)
     try:
         known, rest = inner.parse_known_args(args.vllm_args)
     except SystemExit as e:  # argparse already printed why
-        raise SFMPError("invalid --host/--port") from e
+        raise SFMPError("invalid --host/--port/--log-file") from e
     for i, arg in enumerate(rest):
         name, _, inline = arg.partition("=")
         if name in _OWN_OPTIONS:
@@ -87,7 +103,19 @@ def split_args(args: argparse.Namespace) -> tuple[str, int, bool, list[str]]:
             if value != "1":
                 raise SFMPError(f"option {name} {value}: SFMP serving supports tensor parallel "
                                 "size 1 only; run one replica per GPU instead")
-    return known.host, known.port, not known.no_verify, rest
+    known.loud = known.loud or getattr(args, "verbose", False)
+    return known, rest
+
+
+def log_path(given: str | None, port: int) -> Path:
+    """vLLM's log file: `given` (its directory must exist), else a new one in the temp dir."""
+    if given is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return Path(tempfile.gettempdir()) / f"sfmp-serve-{port}-{stamp}.log"
+    path = Path(given)
+    if path.is_dir() or not path.parent.is_dir():
+        raise SFMPError(f"--log-file {given}: not a file in an existing directory")
+    return path
 
 
 def check_checkpoint(path: str, verify: bool = True) -> None:
@@ -138,43 +166,60 @@ def vllm_command(checkpoint: str, host: str, port: int, extra: list[str]) -> lis
             "--host", host, "--port", str(port), *extra]
 
 
-def supervise(command: list[str], env: dict[str, str]) -> int:
+def supervise(command: list[str], env: dict[str, str], quiet: Quiet | None = None) -> int:
     """Run `command` to its end; SIGTERM/SIGHUP sent to this process are passed on to it.
 
     SIGINT is not passed on: Ctrl-C reaches the child directly (same foreground process group)
-    and a second SIGINT would make vLLM skip its graceful shutdown. Returns the child's exit
-    status, 128 + N when signal N ended it (the shell's convention).
+    and a second SIGINT would make vLLM skip its graceful shutdown. `quiet`: the child's output
+    goes to quiet.log and the terminal is told how it goes (vllm_output.watch). Returns the
+    child's exit status, 128 + N when signal N ended it (the shell's convention).
     """
-    child = subprocess.Popen(command, env=env)
+    stopped: list[int] = []
+    if quiet is None:
+        child = subprocess.Popen(command, env=env)
+    else:
+        with open(quiet.log, "ab") as log:  # the child keeps its own descriptor
+            child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def forward(signum: int, _frame) -> None:
+        stopped.append(signum)
         if child.poll() is None:
             child.send_signal(signum)
 
-    handlers = {signal.SIGTERM: forward, signal.SIGHUP: forward, signal.SIGINT: signal.SIG_IGN}
+    handlers = {signal.SIGTERM: forward, signal.SIGHUP: forward,
+                signal.SIGINT: lambda signum, _frame: stopped.append(signum)}
     previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        code = child.wait()
+        code, ready = (child.wait(), True) if quiet is None else watch(child, quiet, stopped)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 128 - code if code < 0 else code
+    code = 128 - code if code < 0 else code
+    if quiet is not None:
+        report_exit(code, quiet, ready, bool(stopped))
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
     from sfmp_serve.preflight import PREFLIGHT_ENV
 
-    host, port, verify, extra = split_args(args)
-    check_checkpoint(args.checkpoint, verify)
+    own, extra = split_args(args)
+    quiet = None if own.loud else quiet_for(log_path(own.log_file, own.port), own.host, own.port)
+    check_checkpoint(args.checkpoint, not own.no_verify)
     env = dict(os.environ)
     env[PREFLIGHT_ENV] = os.path.realpath(args.checkpoint)  # the plugin need not check again
+    env["PYTHONWARNINGS"] = child_warnings(env)
     own_metrics_dir = not env.get("PROMETHEUS_MULTIPROC_DIR")
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(env)
-    command = vllm_command(args.checkpoint, host, port, extra + kv_cache_args(extra, env))
-    logger.info("PROMETHEUS_MULTIPROC_DIR=%s; running %s", env["PROMETHEUS_MULTIPROC_DIR"],
-                " ".join(command))
+    command = vllm_command(args.checkpoint, own.host, own.port,
+                           extra + kv_cache_args(extra, env))
+    logger.log(logging.INFO if quiet is None else logging.DEBUG,
+               "PROMETHEUS_MULTIPROC_DIR=%s; running %s", env["PROMETHEUS_MULTIPROC_DIR"],
+               " ".join(command))
+    if quiet is not None:
+        say(f"starting vLLM; its log: {quiet.log} (--verbose shows it here)")
     try:
-        return supervise(command, env)
+        return supervise(command, env, quiet)
     finally:
         if own_metrics_dir:
             shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -52,7 +52,8 @@ def test_dockerfile_installs_with_install_sh(kind):
     health = " ".join(args for word, args in ins if word == "HEALTHCHECK")
     assert "/health" in health
     # `sfmp serve` adds --quantization sfmp (and rejects it from the user), so CMD must not.
-    assert json.loads(dict(ins)["ENTRYPOINT"]) == ["sfmp", "serve"]
+    # --verbose: vLLM's log goes to stdout (docker logs), not to a file in the container.
+    assert json.loads(dict(ins)["ENTRYPOINT"]) == ["sfmp", "serve", "--verbose"]
     cmd = json.loads(dict(ins)["CMD"])
     assert cmd[0] == "/models/model" and "--quantization" not in cmd and "--host" in cmd
     for word, args in ins:

@@ -49,7 +49,8 @@ def nan_norm(checkpoint, tmp_path):
 def _serve(monkeypatch, argv):
     """Exit status of `sfmp serve argv` and the environment vLLM would have got (or None)."""
     seen = {}
-    monkeypatch.setattr(serve, "supervise", lambda command, env: seen.update(env) or 0)
+    monkeypatch.setattr(serve, "supervise",
+                        lambda command, env, quiet=None: seen.update(env) or 0)
     monkeypatch.setattr(serve, "kv_cache_args", lambda extra, env: [])
     return cli_main.main(["serve", *argv]), (seen or None)
 

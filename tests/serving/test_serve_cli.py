@@ -30,7 +30,7 @@ def _run_args(monkeypatch, argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """The command and environment `sfmp serve` would run vLLM with (vLLM is not started)."""
     captured = {}
 
-    def fake_supervise(command, env):
+    def fake_supervise(command, env, quiet=None):
         captured.update(command=command, env=dict(env),
                         metrics_listing=os.listdir(env["PROMETHEUS_MULTIPROC_DIR"]))
         return 0
@@ -101,7 +101,7 @@ def test_child_exit_status_is_returned_and_its_metrics_dir_removed(monkeypatch, 
         "pathlib.Path(d, 'counter_1.db').write_bytes(b'x')\n"  # what vLLM's workers write
         "pathlib.Path(sys.argv[1], 'seen.json').write_text(json.dumps(d))\n"
         "sys.exit(3)\n"))
-    assert cli_main.main(["serve", str(checkpoint)]) == 3
+    assert cli_main.main(["serve", str(checkpoint), "--log-file", str(tmp_path / "v.log")]) == 3
     metrics_dir = json.loads((tmp_path / "seen.json").read_text())
     assert not os.path.exists(metrics_dir)
 
@@ -125,7 +125,8 @@ def test_sigterm_reaches_the_child_and_ends_the_command(monkeypatch, checkpoint,
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     killer = threading.Thread(target=terminate_when_ready)
     killer.start()
-    assert cli_main.main(["serve", str(checkpoint)]) == 0  # the child's graceful exit
+    # the child's graceful exit
+    assert cli_main.main(["serve", str(checkpoint), "--log-file", str(tmp_path / "v.log")]) == 0
     killer.join()
     assert (tmp_path / "got_sigterm").exists()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
