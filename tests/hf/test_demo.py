@@ -23,3 +23,49 @@ def test_demo_on_tiny_model(tmp_path, capsys):
     assert re.search(r"avg bits +3\.[45]\d\d", out)
     assert "original: 'The capital of France is" in out
     assert "sfmp 3.5: 'The capital of France is" in out
+
+
+def test_quiet_unless_verbose(tmp_path, monkeypatch):
+    """Quiet: sfmp's INFO and transformers' notices off while the steps run (restored after),
+    vLLM's log to WORK/vllm.log; --verbose: both shown."""
+    import logging
+    import subprocess
+
+    from transformers.utils import logging as hf_logging
+
+    seen, commands = [], []
+
+    def probe(state):
+        seen.append((logging.getLogger().getEffectiveLevel(), hf_logging.get_verbosity()))
+        demo.step_serve(state)
+
+    class ExitedAtOnce:  # `sfmp serve` failing before it is healthy
+        returncode = 1
+
+        def __init__(self, command):
+            commands.append(command)
+
+        def poll(self):
+            return 1
+
+        def terminate(self):
+            pass
+
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.setattr(demo, "STEPS", [("probe", probe)])
+    monkeypatch.setattr(subprocess, "Popen", ExitedAtOnce)
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.INFO)  # as `sfmp` configures it
+    before = logging.INFO, hf_logging.get_verbosity()
+    try:
+        for extra in ([], ["--verbose"]):
+            assert main(["demo", "--work", str(tmp_path), *extra]) == 2  # serve step failed
+    finally:
+        logging.getLogger().setLevel(root_level)
+    assert seen[0] == (logging.WARNING, hf_logging.ERROR)
+    assert seen[1] == before  # --verbose changes nothing
+    assert hf_logging.get_verbosity() == before[1]
+    assert commands[0][-2:] == ["--log-file", str(tmp_path / "vllm.log")]
+    assert commands[1][-1] == "--verbose"
