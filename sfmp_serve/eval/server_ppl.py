@@ -41,12 +41,19 @@ def _request(url: str, payload: dict | None, timeout: float) -> dict:
         raise SFMPError(f"{url}: cannot reach the server ({e})") from e
 
 
-def served_model(url: str, timeout: float = 30) -> str:
-    """The first model the server lists under /v1/models."""
+def served_models(url: str, timeout: float = 30) -> list[dict]:
+    """The model cards the server lists under /v1/models (at least one)."""
     data = _request(api_base(url) + "/models", None, timeout).get("data") or []
+    if not isinstance(data, list) or not all(isinstance(m, dict) and "id" in m for m in data):
+        raise SFMPError(f"{api_base(url)}/models: unexpected response (no list of models)")
     if not data:
         raise SFMPError(f"{api_base(url)}/models: the server lists no model")
-    return data[0]["id"]
+    return data
+
+
+def served_model(url: str, timeout: float = 30) -> str:
+    """The first model the server lists under /v1/models."""
+    return served_models(url, timeout)[0]["id"]
 
 
 def window_nll_server(url: str, model: str, ids: list[int], timeout: float) -> float:
