@@ -84,7 +84,7 @@ def test_quiet_serve_shows_progress_address_and_log_path(server):
     url, proc, vllm_log = server
     terminal = proc.output()
     assert f"its log: {vllm_log}" in terminal
-    assert f"ready after" in terminal and f"{url} (OpenAI API under /v1" in terminal
+    assert "ready after" in terminal and f"{url} (OpenAI API under /v1" in terminal
     log = vllm_log.read_text(errors="replace")
     assert "Resolved architecture" in log and "Resolved architecture" not in terminal
     # the deprecation warnings of the entry module sfmp serve starts are silenced at the source
