@@ -145,7 +145,7 @@ def run_lm_eval(args: argparse.Namespace) -> int:
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
         include_path=args.include_path, num_fewshot=args.num_fewshot,
         limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,
-        batch_size=args.batch_size, log_samples=bool(args.samples))
+        log_samples=bool(args.samples))
     if not args.verbose:  # lm-eval reports every step at INFO; its warnings still show
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     manager = harness.check_tasks(options)

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sfmp_serve.errors import SFMPError, one_line
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'sfmp-serve[lm-eval]'"
 
@@ -28,9 +26,7 @@ class HarnessOptions:
     include_path: str | None = None  # directory of the user's own task YAML files
     num_fewshot: int | None = None
     limit: float | None = None  # documents per task (a fraction if < 1), as lm-eval's --limit
-    batch_size: int = 1
-    log_samples: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # more simple_evaluate arguments
+    log_samples: bool = False  # keep each document's responses (results["samples"])
 
 
 def _require_lm_eval() -> None:
@@ -53,7 +49,8 @@ def check_tasks(options: HarnessOptions):
     try:
         manager = TaskManager(include_path=options.include_path)
     except Exception as e:  # a malformed YAML under include_path, in lm-eval's words
-        raise SFMPError(f"--include-path {options.include_path}: {one_line(e)}") from e
+        where = f"--include-path {options.include_path}" if options.include_path else "lm-eval"
+        raise SFMPError(f"{where}: cannot index the tasks ({one_line(e)})") from e
     for name in options.tasks:
         if not manager.match_tasks([name]):
             where = f" or under {options.include_path}" if options.include_path else ""
@@ -72,7 +69,7 @@ def evaluate(lm, options: HarnessOptions, manager) -> dict[str, Any]:
 
     results = simple_evaluate(model=lm, tasks=list(options.tasks), task_manager=manager,
                               num_fewshot=options.num_fewshot, limit=options.limit,
-                              log_samples=options.log_samples, **options.extra)
+                              log_samples=options.log_samples)
     if results is None:  # lm-eval returns None on non-zero ranks only; one process here
         raise RuntimeError("lm-eval returned no results")
     return results
