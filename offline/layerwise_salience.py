@@ -23,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from offline.salience import resolve_device
-from offline.sequential import (_Batches, _layer_output, catch_layer0_inputs, decoder_layers,
-                                materialised, run_layer)
+from offline.sequential import (_Batches, _layer_output, catch_layer_inputs, materialised,
+                                run_layer, swapped_layers)
 from offline.streaming import SafetensorsSource
-from sfmp_serve.arch import ArchSpec
+from offline.targets import TargetSet, decoder_layers
 from sfmp_serve.errors import SFMPError
 
 
@@ -53,48 +53,46 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def head_gradients(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
-                   last: _Batches, device: torch.device) -> list[torch.Tensor]:
+def head_gradients(model: nn.Module, layers_path: str, input_ids: torch.Tensor,
+                   last: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """d loss / d h_L per sequence, through the model's own head and loss function."""
-    parent_path, _, attr = spec.layers_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    layers = getattr(parent, attr)
     grads = []
-    try:
-        for ids, hidden in zip(input_ids.split(1), last.hidden):
-            leaf = hidden.detach().requires_grad_(True)
-            setattr(parent, attr, nn.ModuleList([_Replay(leaf)]))
+    for ids, hidden in zip(input_ids.split(1), last):
+        leaf = hidden.detach().requires_grad_(True)
+        with swapped_layers(model, layers_path, nn.ModuleList([_Replay(leaf)])):
             ids = ids.to(device)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            grads.append(leaf.grad)
-    finally:
-        setattr(parent, attr, layers)
+        grads.append(leaf.grad)
     return grads
 
 
-def layerwise_fisher(model: nn.Module, spec: ArchSpec, linears: list[str],
-                     input_ids: torch.Tensor, device: str = "cpu",
+def layerwise_fisher(model: nn.Module, targets: TargetSet, input_ids: torch.Tensor,
+                     device: str = "cpu",
                      source: SafetensorsSource | None = None) -> dict[str, torch.Tensor]:
-    """Fisher diagonal (float32 CPU [out, in]) of the named linears (full module names).
+    """Fisher diagonal (float32 CPU [out, in]) of every target's weight (full names).
 
     Everything outside the decoder layers must be materialised on `device` in float32; the
     layers may be on meta when `source` is given.
     """
     dev = resolve_device(device)
+    spec = targets.spec
     layers = decoder_layers(model, spec)
     fisher: dict[str, torch.Tensor] = {}
     with _frozen(model), torch.enable_grad():
         with torch.no_grad():
-            boundary = [catch_layer0_inputs(model, layers, input_ids, 1, dev)]
+            caught = catch_layer_inputs(model, spec.layers_path, input_ids, 1, dev)
+            boundary = [caught.hidden]
             for i, layer in enumerate(tqdm(layers, desc="salience forward", unit="layer")):
-                with materialised(layer, f"{spec.layers_path}.{i}", dev, source):
-                    boundary.append(run_layer(layer, boundary[-1]))
-        grads = head_gradients(model, spec, input_ids, boundary.pop(), dev)
+                with materialised(layer, targets.layer_prefix(i), dev, source):
+                    boundary.append(run_layer(layer, caught.at(i, boundary[-1])))
+        grads = head_gradients(model, spec.layers_path, input_ids, boundary.pop(), dev)
         for i in tqdm(reversed(range(len(layers))), total=len(layers),
                       desc="salience backward", unit="layer"):
-            prefix = f"{spec.layers_path}.{i}"
-            with materialised(layers[i], prefix, dev, source) as layer:
-                grads = _layer_backward(layer, prefix, linears, boundary.pop(), grads, fisher)
+            with materialised(layers[i], targets.layer_prefix(i), dev, source) as layer:
+                weights = {t.name: t.weight(layer) for group in targets.layer_groups(i)
+                           for t in group}
+                grads = _layer_backward(layer, weights, caught.at(i, boundary.pop()), grads,
+                                        fisher)
     for name, f in fisher.items():
         if not torch.isfinite(f).all():
             raise SFMPError(f"salience of {name} contains NaN or Inf (the loss or its "
@@ -102,12 +100,10 @@ def layerwise_fisher(model: nn.Module, spec: ArchSpec, linears: list[str],
     return fisher
 
 
-def _layer_backward(layer: nn.Module, prefix: str, linears: list[str], inputs: _Batches,
+def _layer_backward(layer: nn.Module, weights: dict[str, torch.Tensor], inputs: _Batches,
                     grads: list[torch.Tensor], fisher: dict[str, torch.Tensor],
                     ) -> list[torch.Tensor]:
     """Accumulate the squared weight gradients of one layer; return the input gradients."""
-    weights = {n: layer.get_submodule(n[len(prefix) + 1:]).weight for n in linears
-               if n.startswith(prefix + ".")}
     for w in weights.values():
         w.requires_grad_(True)
     below = []

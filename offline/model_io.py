@@ -1,4 +1,4 @@
-"""Load a Hugging Face causal LM directory and locate its decoder linears through sfmp_serve.arch.
+"""Load a Hugging Face causal LM directory and resolve its quantization targets (offline.targets).
 
 The model is loaded in the dtype it was saved in (to remember every tensor's original dtype and
 the activation dtype), then converted to float32 for calibration, salience and quantization.
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from offline.streaming import SafetensorsSource, load_skeleton
+from offline.targets import TargetSet, decoder_layers, find_targets
 from sfmp_serve.arch import ArchSpec, arch_for
 from sfmp_serve.errors import SFMPError, one_line
 from sfmp_serve.format import ACT_DTYPES, read_hf_config
@@ -36,12 +37,16 @@ class LoadedModel:
     hf_config: dict[str, Any]  # config.json as saved (all keys kept)
     spec: ArchSpec
     model: nn.Module  # float32, eval mode
-    linears: dict[str, nn.Linear]  # full module name -> decoder linear, in model order
-    input_groups: list[tuple[str, ...]]  # full names of linears sharing one input
+    targets: TargetSet  # what gets quantized, in model order
     orig_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # state-dict key -> dtype
     act_dtype: torch.dtype = torch.float32
     # Set by load_streamed: the decoder layers are on meta and are read from here per use.
     source: SafetensorsSource | None = None
+
+    @property
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Full names of the targets sharing one input."""
+        return self.targets.groups
 
     @property
     def streamed(self) -> bool:
@@ -58,7 +63,7 @@ class LoadedModel:
     def on_device(self, device: torch.device | str) -> Iterator[nn.Module]:
         """The model on `device` for the block, then back on the CPU. Streamed decoder layers
         stay on meta (the stages that run them materialise one at a time)."""
-        layers = _get_submodule(self.model, self.spec.layers_path, "decoder layer list")
+        layers = decoder_layers(self.model, self.spec)
         parent_path, _, attr = self.spec.layers_path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
 
@@ -92,34 +97,6 @@ def check_causal_lm(path: Path, hf_config: dict[str, Any]) -> ArchSpec:
     return arch_for(model_type)
 
 
-def _get_submodule(root: nn.Module, path: str, what: str) -> nn.Module:
-    try:
-        return root.get_submodule(path)
-    except AttributeError as e:
-        raise SFMPError(f"cannot find {what} '{path}' in {type(root).__name__}: "
-                        "the architecture table does not match this model") from e
-
-
-def find_linears(model: nn.Module, spec: ArchSpec) -> tuple[dict[str, nn.Linear],
-                                                            list[tuple[str, ...]]]:
-    """Full names of every decoder linear (model order) and the full-name input groups."""
-    layers = _get_submodule(model, spec.layers_path, "decoder layer list")
-    linears: dict[str, nn.Linear] = {}
-    groups: list[tuple[str, ...]] = []
-    for i, layer in enumerate(layers):
-        prefix = f"{spec.layers_path}.{i}"
-        for rel in spec.linears:
-            module = _get_submodule(layer, rel, "linear")
-            if not isinstance(module, nn.Linear):
-                raise SFMPError(f"{prefix}.{rel}: expected a Linear, found "
-                                f"{type(module).__name__}")
-            linears[f"{prefix}.{rel}"] = module
-        groups.extend(tuple(f"{prefix}.{rel}" for rel in g) for g in spec.input_groups)
-    if not linears:
-        raise SFMPError(f"{type(model).__name__}: no decoder layers under '{spec.layers_path}'")
-    return linears, groups
-
-
 def _checked_dir(model_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], ArchSpec]:
     """(path, config.json, arch spec) of a causal LM directory, or SFMPError."""
     path = Path(model_dir)
@@ -147,11 +124,11 @@ def load_model(model_dir: str | os.PathLike) -> LoadedModel:
         raise load_error(path, e) from e
     orig_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     check_finite(model)
-    linears, groups = find_linears(model, spec)
-    act_dtype = _checked_act_dtype(path, next(iter(linears.values())).weight.dtype)
+    targets = find_targets(model, spec)
+    act_dtype = _checked_act_dtype(path, orig_dtypes[f"{next(iter(targets)).name}.weight"])
     model = model.float().eval()
-    log.info("loaded %s: %d decoder linears, weights in %s", path, len(linears), act_dtype)
-    return LoadedModel(path, hf_config, spec, model, linears, groups, orig_dtypes, act_dtype)
+    log.info("loaded %s: %d quantization targets, weights in %s", path, len(targets), act_dtype)
+    return LoadedModel(path, hf_config, spec, model, targets, orig_dtypes, act_dtype)
 
 
 def load_streamed(model_dir: str | os.PathLike) -> LoadedModel:
@@ -164,13 +141,12 @@ def load_streamed(model_dir: str | os.PathLike) -> LoadedModel:
         raise
     except Exception as e:  # the files passed the checks above; what is left is transformers'
         raise load_error(path, e) from e
-    linears, groups = find_linears(model, spec)
+    targets = find_targets(model, spec)
     orig_dtypes = {k: source.dtype(k) for k in model.state_dict() if k in source}
-    act_dtype = _checked_act_dtype(path, orig_dtypes[f"{next(iter(linears))}.weight"])
-    log.info("streaming %s: %d decoder linears, weights in %s, decoder layers read per use",
-             path, len(linears), act_dtype)
-    return LoadedModel(path, hf_config, spec, model, linears, groups, orig_dtypes, act_dtype,
-                       source)
+    act_dtype = _checked_act_dtype(path, orig_dtypes[f"{next(iter(targets)).name}.weight"])
+    log.info("streaming %s: %d quantization targets, weights in %s, decoder layers read per "
+             "use", path, len(targets), act_dtype)
+    return LoadedModel(path, hf_config, spec, model, targets, orig_dtypes, act_dtype, source)
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

@@ -3,10 +3,10 @@
 load -> calibration -> salience -> reorder -> allocation -> quantize -> pack -> export
 The math lives in the stage modules. With `low_memory` the decoder layers are never all in
 memory: they are read one at a time from the safetensors files by layer-wise salience and the
-layer-at-a-time quantizer (data-free calibration, which samples from the whole model, is then
-not available). Quantization methods plug in through METHODS: a factory
-receives the loaded model, calibration tokens and orders, and returns a Quantizer; a quantizer
-that also implements `linear_context(name)` gets per-linear context (e.g. inputs) from it.
+layer-at-a-time engine (data-free calibration, which samples from the whole model, is then
+not available). What gets quantized is the model's TargetSet (offline.targets); every method
+is a registered Quantizer (offline.quantizers.base) and runs through the one layer-at-a-time
+engine (offline.sequential).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -29,10 +29,7 @@ from offline.export import (act_dtype_name, bits_per_weight, nbytes, pack_codes,
                             packed_nbytes, save_checkpoint, unquantized_tensors)
 from offline.layerwise_salience import layerwise_fisher
 from offline.model_io import LoadedModel, load_model, load_streamed, load_tokenizer
-from offline.quantizers.awq import AWQQuantizer
-from offline.quantizers.base import LinearContext, QuantizedCodes, Quantizer
-from offline.quantizers.gptq import GPTQQuantizer
-from offline.quantizers.rtn import RTNQuantizer
+from offline.quantizers.base import QuantizedCodes, Quantizer, make_quantizer, methods
 from offline.reorder import Order, identity_order, salience_orders
 from offline.salience import fisher_diagonal, load_salience, resolve_device, save_salience
 from offline.sequential import make_plans, quantize_sequential
@@ -77,8 +74,7 @@ class QuantizeOptions:
         if self.budget_gb is not None and not self.budget_gb > 0:
             raise SFMPError(f"--budget-gb={self.budget_gb}: must be positive")
         alloc.check_block_shape(self.group_size, self.block_rows)
-        if self.method not in METHODS:
-            raise SFMPError(f"--method={self.method!r}: expected one of {', '.join(METHODS)}")
+        make_quantizer(self.method)  # names the registered methods if it is not one
         resolve_device(self.device)
         if self.uniform:
             if self.bits is not None and self.bits != int(self.bits):
@@ -103,28 +99,9 @@ class QuantizeResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class MethodInputs:
-    """What a quantizer factory may use to prepare (e.g. collect activation statistics)."""
-
-    loaded: LoadedModel
-    tokens: torch.Tensor | None  # calibration tokens [nsamples, seqlen]; None if not needed
-    orders: dict[str, Order]
-    options: QuantizeOptions
-
-
-@runtime_checkable
-class ProvidesContext(Protocol):
-    def linear_context(self, name: str) -> LinearContext: ...
-
-
-QuantizerFactory = Callable[[MethodInputs], Quantizer]
-METHODS: dict[str, QuantizerFactory] = {"rtn": lambda inputs: RTNQuantizer(),
-                                        "awq": lambda inputs: AWQQuantizer(),
-                                        "gptq": lambda inputs: GPTQQuantizer()}
-# Methods that read calibration inputs: they run layer by layer (offline.sequential) and need
-# calibration data even with --uniform.
-CALIBRATED_METHODS = frozenset({"awq", "gptq"})
+def needs_calibration(method: str) -> bool:
+    """Does the method read calibration inputs (so it needs data even with --uniform)?"""
+    return methods()[method].needs_inputs
 
 
 class StageTimer:
@@ -144,8 +121,8 @@ class StageTimer:
 # Stages (thin wrappers binding the stage modules to a LoadedModel)
 # --------------------------------------------------------------------------------------------
 def geometries(loaded: LoadedModel, options: QuantizeOptions) -> dict[str, LayerGeometry]:
-    return {name: LayerGeometry(lin.out_features, lin.in_features, options.group_size,
-                                options.block_rows) for name, lin in loaded.linears.items()}
+    return {t.name: LayerGeometry(t.out_features, t.in_features, options.group_size,
+                                  options.block_rows) for t in loaded.targets}
 
 
 def budget_range(options: QuantizeOptions) -> tuple[int, int]:
@@ -197,32 +174,20 @@ def allocate_bits(loaded: LoadedModel, importance: dict[str, torch.Tensor],
     return result
 
 
-def quantize_linears(loaded: LoadedModel, quantizer: Quantizer, orders: dict[str, Order],
-                     allocation: alloc.Allocation,
-                     geos: dict[str, LayerGeometry]) -> dict[str, QuantizedCodes]:
-    out = {}
-    for name, lin in tqdm(loaded.linears.items(), desc="quantize", unit="linear", leave=False):
-        context = (quantizer.linear_context(name) if isinstance(quantizer, ProvidesContext)
-                   else LinearContext())
-        weight = orders[name].apply(lin.weight.detach())
-        out[name] = quantizer.quantize(weight, allocation.block_bits[name], geos[name], context)
-    return out
-
-
 def quantize_layerwise(loaded: LoadedModel, quantizer: Quantizer, tokens: torch.Tensor | None,
                        orders: dict[str, Order], allocation: alloc.Allocation,
                        geos: dict[str, LayerGeometry], device: str,
                        extra: dict[str, torch.Tensor]) -> tuple[dict[str, QuantizedCodes],
                                                                 dict[str, torch.Tensor]]:
-    """One decoder layer at a time (offline.sequential): calibrated methods on its inputs, and
-    every method when the layers are streamed.
+    """One decoder layer at a time (offline.sequential), every method; calibrated methods on
+    the layer's calibration inputs.
 
     Tensors the method changes besides the quantized weights (AWQ folds scales into norms and
     biases) replace their copies in `extra`; the changed biases of quantized linears, which
     `extra` does not hold, are returned for packing.
     """
     plans = make_plans(orders, allocation.block_bits, geos)
-    result = quantize_sequential(loaded.model, loaded.spec, plans, quantizer, tokens, device,
+    result = quantize_sequential(loaded.model, loaded.targets, plans, quantizer, tokens, device,
                                  source=loaded.source)
     changed_biases = {}
     for key, value in result.tensors.items():
@@ -242,7 +207,7 @@ def pack_linears(loaded: LoadedModel, codes: dict[str, QuantizedCodes],
     out = {}
     for name in tqdm(codes, desc="pack", unit="linear", leave=False):
         bias = None
-        if loaded.linears[name].bias is not None:
+        if loaded.targets[name].has_bias:
             key = f"{name}.bias"
             bias = changed[key] if key in changed else loaded.read(key)
             bias = bias.to(loaded.orig_dtypes.get(key, loaded.act_dtype))
@@ -253,12 +218,12 @@ def pack_linears(loaded: LoadedModel, codes: dict[str, QuantizedCodes],
 
 def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: alloc.Allocation,
                  packed: dict[str, PackedLinear], quantizer: Quantizer) -> SFMPConfig:
-    calibrated = not options.uniform or options.method in CALIBRATED_METHODS
+    calibrated = not options.uniform or needs_calibration(options.method)
     calibration = ({"source": "none"} if not calibrated else
                    CalibrationSpec(options.calib, options.nsamples, options.seqlen,
                                    options.seed).describe())
     # How the bits were chosen travels with the method's own arguments (if it has any).
-    method_args = {**getattr(quantizer, "method_args", {}), "levels": options.levels,
+    method_args = {**quantizer.method_args, "levels": options.levels,
                    "allocation": "uniform" if options.uniform else "fisher"}
     if options.budget_gb is not None:
         method_args["budget_gb"] = options.budget_gb
@@ -289,7 +254,7 @@ def _calibration(loaded: LoadedModel, options: QuantizeOptions, timer: StageTime
 def _method_tokens(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
                    device: torch.device) -> torch.Tensor | None:
     """Calibration tokens for a calibrated method when salience needs none (uniform, cache)."""
-    if options.method not in CALIBRATED_METHODS:
+    if not needs_calibration(options.method):
         return None
     with loaded.on_device(device):  # data-free calibration samples from the model on `device`
         return _calibration(loaded, options, timer, device)
@@ -300,9 +265,9 @@ def salience_of(loaded: LoadedModel, tokens: torch.Tensor,
     """Fisher diagonal of every decoder linear: whole-model backward, or layer by layer when the
     layers are streamed (the same numbers up to floating-point summation order)."""
     if loaded.streamed:
-        return layerwise_fisher(loaded.model, loaded.spec, list(loaded.linears), tokens,
-                                str(device), loaded.source)
-    return fisher_diagonal(loaded.model, loaded.linears, tokens, device)
+        return layerwise_fisher(loaded.model, loaded.targets, tokens, str(device),
+                                loaded.source)
+    return fisher_diagonal(loaded.model, loaded.targets, tokens, device)
 
 
 def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
@@ -320,7 +285,7 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
                                    options.seed).describe()}
     if cache is not None and cache.exists():
         with timer("salience"):
-            salience = load_salience(cache, cache_key, loaded.linears)
+            salience = load_salience(cache, cache_key, loaded.targets)
         # A calibrated method still needs the tokens, which are cheap next to the salience.
         tokens = _method_tokens(loaded, options, timer, device)
     else:
@@ -345,7 +310,7 @@ def quantize_model(model_dir: str | os.PathLike, options: QuantizeOptions) -> Qu
         loaded = (load_streamed if options.low_memory else load_model)(model_dir)
         geos = geometries(loaded, options)
     with timer("export"):  # the unquantized tensors' size is part of a budget
-        extra = unquantized_tensors(loaded.model, loaded.linears, loaded.orig_dtypes,
+        extra = unquantized_tensors(loaded.model, loaded.targets.targets, loaded.orig_dtypes,
                                     loaded.source)
     check_budget_reachable(loaded, geos, nbytes(extra), options)
     tokens, orders, importance = _salience_stages(loaded, options, timer, geos)
@@ -354,13 +319,9 @@ def quantize_model(model_dir: str | os.PathLike, options: QuantizeOptions) -> Qu
     log.info("allocation: target %.4f bits, achieved %.4f over choices %s",
              allocation.target_bits, allocation.avg_bits, allocation.bit_choices)
     with timer("quantize"):
-        quantizer = METHODS[options.method](MethodInputs(loaded, tokens, orders, options))
-        changed: dict[str, torch.Tensor] = {}
-        if options.method in CALIBRATED_METHODS or loaded.streamed:
-            codes, changed = quantize_layerwise(loaded, quantizer, tokens, orders, allocation,
-                                                geos, options.device, extra)
-        else:
-            codes = quantize_linears(loaded, quantizer, orders, allocation, geos)
+        quantizer = make_quantizer(options.method)
+        codes, changed = quantize_layerwise(loaded, quantizer, tokens, orders, allocation,
+                                            geos, options.device, extra)
     with timer("pack"):
         packed = pack_linears(loaded, codes, orders, allocation, geos, changed)
     with timer("export"):

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from offline.targets import TargetSet
 from sfmp_serve.errors import SFMPError, one_line
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,14 @@ def grads_only_for(model: nn.Module, weights: list[nn.Parameter]) -> Iterator[No
             p.grad = None
 
 
-def fisher_diagonal(model: nn.Module, linears: dict[str, nn.Linear], tokens: torch.Tensor,
+def fisher_diagonal(model: nn.Module, targets: TargetSet, tokens: torch.Tensor,
                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Squared per-sequence gradients of the LM loss, summed, for each linear's weight.
+    """Squared per-sequence gradients of the LM loss, summed, for each target's weight.
 
     model must be float32 and already on `device`; returns float32 CPU tensors [out, in].
     """
     device = torch.device(device)
-    weights = {name: lin.weight for name, lin in linears.items()}
+    weights = targets.weights(model)
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     model.eval()  # no dropout: the gradient of the model being quantized
     with grads_only_for(model, list(weights.values())):
@@ -75,7 +76,7 @@ def fisher_diagonal(model: nn.Module, linears: dict[str, nn.Linear], tokens: tor
             raise SFMPError(f"salience of {name} contains NaN or Inf (the loss or its "
                             "gradient overflowed on the calibration data)")
         out[name] = f.cpu()
-    log.info("salience: Fisher diagonal of %d linears over %d sequences", len(out),
+    log.info("salience: Fisher diagonal of %d targets over %d sequences", len(out),
              tokens.shape[0])
     return out
 
@@ -98,7 +99,7 @@ def save_salience(path: str | Path, salience: dict[str, torch.Tensor],
 
 
 def load_salience(path: str | Path, key: dict[str, object],
-                  linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+                  targets: TargetSet) -> dict[str, torch.Tensor]:
     """A cached Fisher diagonal; an error if it was computed from anything else."""
     if Path(path).is_dir():
         raise SFMPError(f"--salience-cache {path}: is a directory; pass a file path")
@@ -113,9 +114,8 @@ def load_salience(path: str | Path, key: dict[str, object],
     if stored != json.loads(json.dumps(key, sort_keys=True)):
         raise SFMPError(f"--salience-cache {path}: computed from {stored}, not from "
                         f"{key}; delete it or pass another file")
-    for name, lin in linears.items():
-        if name not in salience or tuple(salience[name].shape) != tuple(lin.weight.shape):
-            raise SFMPError(f"--salience-cache {path}: no salience of shape "
-                            f"{tuple(lin.weight.shape)} for {name}")
+    for name, shape in targets.shapes().items():
+        if name not in salience or tuple(salience[name].shape) != shape:
+            raise SFMPError(f"--salience-cache {path}: no salience of shape {shape} for {name}")
     log.info("salience: loaded from %s", path)
     return salience

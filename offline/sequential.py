@@ -1,15 +1,18 @@
-"""Layer-at-a-time quantization engine (the calibrated methods, AWQ and GPTQ, run through it).
+"""Layer-at-a-time quantization engine: every method (RTN, AWQ, GPTQ, ...) runs through it.
 
 Lifecycle:
-1. Catch the inputs of decoder layer 0 (hidden states and the layer's keyword arguments:
-   rotary embeddings, mask) on the calibration sequences, with a pre-hook that stops the
-   forward pass there.
+1. For a method that reads calibration inputs: one forward pass over the calibration sequences
+   with every decoder layer replaced by a catcher that records what the layer receives (layer
+   0's hidden states; every layer's keyword arguments, since rotary embeddings and masks differ
+   between sliding-window and full-attention layers) and passes the hidden states on; the last
+   catcher stops the forward pass.
 2. For each decoder layer i, on `device` in float32:
-   a. a method with `prepare_layer` (AWQ) gets the full-precision inputs of every linear and
+   a. the method's `prepare_layer` (AWQ) gets the full-precision inputs of every target and
       may rewrite the layer (exact scale folding);
-   b. input group by input group (arch `input_groups`, in order), capture the group's input
-      with the layers' earlier groups already quantized ("true sequential"), quantize each
-      linear of the group in its reordered form, and put the dequantized weight back;
+   b. input group by input group (offline.targets, in order), capture the group's input at its
+      capture point with the layer's earlier groups already quantized ("true sequential"),
+      quantize each target of the group in its reordered form, and put the dequantized weight
+      back;
    c. run the quantized layer on the stored inputs: its outputs are the inputs of layer i+1.
 Peak memory is one layer plus the calibration activations. With `SafetensorsSource` the layer
 weights are read lazily from the checkpoint (safe_open) and dropped afterwards, so a model
@@ -22,7 +25,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -32,26 +35,20 @@ from offline.quantizers.base import LinearContext, QuantizedCodes, Quantizer
 from offline.quantizers.blockwise import LinearPlan, dequantize_codes
 from offline.salience import resolve_device
 from offline.streaming import SafetensorsSource
-from sfmp_serve.arch import ArchSpec
+from offline.targets import Target, TargetSet, decoder_layers
 from sfmp_serve.errors import SFMPError
 
 log = logging.getLogger(__name__)
 
-
-@runtime_checkable
-class LayerPreparer(Protocol):
-    """A method that rewrites a full-precision decoder layer before it is quantized (AWQ)."""
-
-    def prepare_layer(self, layer: nn.Module, spec: ArchSpec, plans: Mapping[str, LinearPlan],
-                      inputs: Mapping[str, torch.Tensor], layer_name: str = "") -> list[str]:
-        ...
+__all__ = ["LayerInputs", "SequentialResult", "catch_layer_inputs", "capture_inputs",
+           "decoder_layers", "make_plans", "materialised", "quantize_sequential", "run_layer"]
 
 
 @dataclass
 class SequentialResult:
-    codes: dict[str, QuantizedCodes]  # full linear name -> codes of its reordered weight (CPU)
+    codes: dict[str, QuantizedCodes]  # full target name -> codes of its reordered weight (CPU)
     # Full state-dict names -> new values of parameters the method changed that are not the
-    # weights of quantized linears (AWQ's folded norms; biases), in their original dtype.
+    # weights of quantized targets (AWQ's folded norms; biases), in their original dtype.
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -62,53 +59,92 @@ class _StopForward(Exception):
 
 @dataclass
 class _Batches:
-    """Calibration activations at one layer boundary: per batch hidden states and layer kwargs."""
+    """Calibration activations entering one layer: per batch hidden states and layer kwargs."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    """Move tensors inside nested tuples/lists/dicts to device; floating ones to float32."""
+@dataclass
+class LayerInputs:
+    """What the decoder layers receive on the calibration batches: the hidden states entering
+    layer 0 and the keyword arguments of every layer (tensors shared between layers stored
+    once)."""
+
+    hidden: list[torch.Tensor]  # per batch
+    kwargs: list[list[dict[str, Any]]]  # per layer, per batch
+
+    def at(self, index: int, hidden: list[torch.Tensor]) -> _Batches:
+        """The inputs of layer `index` when `hidden` enters it."""
+        return _Batches(hidden, self.kwargs[index])
+
+
+def _to(obj: Any, device: torch.device, memo: dict[int, tuple[Any, Any]] | None = None) -> Any:
+    """Move tensors inside nested tuples/lists/dicts to device; floating ones to float32. A
+    tensor seen before (in `memo`) maps to the same copy, so layers share their masks."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, torch.float32 if obj.is_floating_point() else obj.dtype)
+        if memo is not None and id(obj) in memo:
+            return memo[id(obj)][1]
+        moved = obj.to(device, torch.float32 if obj.is_floating_point() else obj.dtype)
+        if memo is not None:
+            memo[id(obj)] = (obj, moved)  # keeps obj alive, so its id is not reused
+        return moved
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
-def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+@contextmanager
+def swapped_layers(model: nn.Module, layers_path: str, new: nn.ModuleList) -> Iterator[None]:
+    """The model runs `new` instead of its decoder layers inside the block."""
+    parent_path, _, attr = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
     try:
-        return model.get_submodule(spec.layers_path)
-    except AttributeError as e:
-        raise SFMPError(f"model has no decoder layers at {spec.layers_path}") from e
+        yield
+    finally:
+        setattr(parent, attr, old)
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer `index`: records its inputs, passes the hidden states on."""
+
+    def __init__(self, index: int, count: int, caught: LayerInputs, device: torch.device,
+                 memo: dict[int, tuple[Any, Any]]) -> None:
+        super().__init__()
+        self.index, self.count, self.caught, self.device, self.memo = (index, count, caught,
+                                                                       device, memo)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.caught.hidden.append(_to(hidden, self.device))
+        self.caught.kwargs[self.index].append(_to(dict(kwargs), self.device, self.memo))
+        if self.index == self.count - 1:
+            raise _StopForward
+        return hidden
 
 
 @torch.no_grad()
-def catch_layer0_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
-                        batch_size: int, device: torch.device) -> _Batches:
-    """Run the model up to layer 0 where its embedding lives (the layers are not touched) and
-    keep what layer 0 receives, moved to `device`."""
-    caught = _Batches([], [])
-
-    def catcher(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.hidden.append(_to(hidden, device))
-        caught.kwargs.append(_to(dict(kwargs), device))
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(catcher, with_kwargs=True)
+def catch_layer_inputs(model: nn.Module, layers_path: str, input_ids: torch.Tensor,
+                       batch_size: int, device: torch.device) -> LayerInputs:
+    """Run the model over the calibration batches with its decoder layers replaced by catchers
+    (the layers themselves are not touched, so they may be on meta) and keep what each layer
+    receives, moved to `device`."""
+    count = len(model.get_submodule(layers_path))
+    caught = LayerInputs([], [[] for _ in range(count)])
     embed_device = model.get_input_embeddings().weight.device
-    try:
-        for ids in input_ids.split(batch_size):
+    for ids in input_ids.split(batch_size):
+        memo: dict[int, tuple[Any, Any]] = {}
+        catchers = nn.ModuleList(_Catcher(i, count, caught, device, memo) for i in range(count))
+        with swapped_layers(model, layers_path, catchers):
             try:
                 model(input_ids=ids.to(embed_device), use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
     return caught
 
 
@@ -119,7 +155,7 @@ def _layer_output(out: Any) -> torch.Tensor:
 @torch.no_grad()
 def capture_inputs(layer: nn.Module, batches: _Batches, names: list[str],
                    stop: bool = True) -> dict[str, torch.Tensor]:
-    """Inputs [T, K] of the named linears over all batches (forward stops after the last)."""
+    """Inputs [T, K] of the named modules over all batches (forward stops after the last)."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     pending: set[str] = set()
 
@@ -146,96 +182,102 @@ def capture_inputs(layer: nn.Module, batches: _Batches, names: list[str],
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, batches: _Batches) -> _Batches:
-    """Outputs of the layer on every batch: the next layer's inputs (same kwargs)."""
-    return _Batches([_layer_output(layer(h, **kw)) for h, kw in zip(batches.hidden,
-                                                                     batches.kwargs)],
-                    batches.kwargs)
+def run_layer(layer: nn.Module, batches: _Batches) -> list[torch.Tensor]:
+    """Outputs of the layer on every batch: the hidden states entering the next layer."""
+    return [_layer_output(layer(h, **kw)) for h, kw in zip(batches.hidden, batches.kwargs)]
 
 
-def _quantize_group(layer: nn.Module, prefix: str, group: list[str],
-                    plans: Mapping[str, LinearPlan], quantizer: Quantizer,
+def _quantize_group(layer: nn.Module, group: list[Target], plans: Mapping[str, LinearPlan],
+                    quantizer: Quantizer,
                     inputs: torch.Tensor | None) -> dict[str, QuantizedCodes]:
-    """Quantize the linears of one input group and write their dequantized weights back."""
+    """Quantize the targets of one input group and write their dequantized weights back."""
     out: dict[str, QuantizedCodes] = {}
     reordered: tuple[torch.Tensor, torch.Tensor] | None = None  # (perm, inputs[:, perm])
-    for name in group:
-        full, plan = f"{prefix}.{name}", plans[f"{prefix}.{name}"]
-        linear = layer.get_submodule(name)
-        context = LinearContext()
+    for target in group:
+        plan = plans[target.name]
+        weight = target.weight(layer)
+        context = LinearContext(name=target.name)
         if inputs is not None:
-            # Linears of a group share one input order: reorder (and let GPTQ hash) once.
+            # Targets of a group share one input order: reorder (and let GPTQ hash) once.
             if reordered is None or not torch.equal(reordered[0], plan.input_perm):
                 reordered = (plan.input_perm, plan.reorder_inputs(inputs))
-            context = LinearContext(inputs=reordered[1])
-        weight_r = plan.reorder(linear.weight.to(torch.float32))
+            context = LinearContext(inputs=reordered[1], name=target.name)
+        weight_r = plan.reorder(weight.to(torch.float32))
         try:
             codes = quantizer.quantize(weight_r, plan.block_bits, plan.geometry, context)
         except SFMPError as e:
-            raise SFMPError(f"layer {full}: {e}") from e
+            raise SFMPError(f"layer {target.name}: {e}") from e
         deq = plan.restore(dequantize_codes(codes, plan.geometry))
-        linear.weight.data.copy_(deq.to(linear.weight.dtype))
-        out[full] = QuantizedCodes(codes.codes.cpu(), codes.scale.cpu(), codes.zero.cpu())
+        weight.data.copy_(deq.to(weight.dtype))
+        out[target.name] = QuantizedCodes(codes.codes.cpu(), codes.scale.cpu(),
+                                          codes.zero.cpu())
     return out
 
 
-def _quantize_layer(layer: nn.Module, prefix: str, spec: ArchSpec,
+def _prepares(quantizer: Quantizer) -> bool:
+    """Does the method rewrite layers (so it needs every target's full-precision input)?"""
+    return type(quantizer).prepare_layer is not Quantizer.prepare_layer
+
+
+def _quantize_layer(layer: nn.Module, index: int, targets: TargetSet,
                     plans: Mapping[str, LinearPlan], quantizer: Quantizer,
                     batches: _Batches | None) -> tuple[dict[str, QuantizedCodes], list[str]]:
     """Steps 2a and 2b for one layer on its device; returns codes and changed parameter names."""
-    planned = [n for n in spec.linears if f"{prefix}.{n}" in plans]
+    groups = [[t for t in group if t.name in plans] for group in targets.layer_groups(index)]
+    groups = [group for group in groups if group]
+    planned = [t for group in groups for t in group]
     changed: list[str] = []
-    if batches is not None and isinstance(quantizer, LayerPreparer):
-        fp_inputs = capture_inputs(layer, batches, planned)
-        local = {n: plans[f"{prefix}.{n}"] for n in planned}
-        changed = quantizer.prepare_layer(layer, spec, local, fp_inputs, prefix)
-        del fp_inputs
+    if batches is not None and _prepares(quantizer):
+        captured = capture_inputs(layer, batches, list(dict.fromkeys(t.capture
+                                                                     for t in planned)))
+        fp_inputs = {t.local: captured[t.capture] for t in planned}
+        local = {t.local: plans[t.name] for t in planned}
+        changed = quantizer.prepare_layer(layer, targets.spec, local, fp_inputs,
+                                          targets.layer_prefix(index))
+        del captured, fp_inputs
     codes: dict[str, QuantizedCodes] = {}
-    for group in spec.input_groups:
-        members = [n for n in group if n in planned]
-        if not members:
-            continue
+    for group in groups:
         inputs = None
         if batches is not None:
-            inputs = capture_inputs(layer, batches, members[:1])[members[0]]
-        codes.update(_quantize_group(layer, prefix, members, plans, quantizer, inputs))
+            inputs = capture_inputs(layer, batches, [group[0].capture])[group[0].capture]
+        codes.update(_quantize_group(layer, group, plans, quantizer, inputs))
     return codes, changed
 
 
 @torch.no_grad()
-def quantize_sequential(model: nn.Module, spec: ArchSpec, plans: Mapping[str, LinearPlan],
+def quantize_sequential(model: nn.Module, targets: TargetSet, plans: Mapping[str, LinearPlan],
                         quantizer: Quantizer, input_ids: torch.Tensor | None = None,
                         device: str = "cpu", batch_size: int = 4,
                         source: SafetensorsSource | None = None) -> SequentialResult:
-    """Quantize every planned linear (full module names) of `model`, one decoder layer at a time.
+    """Quantize every planned target (full names) of `model`, one decoder layer at a time.
 
     input_ids [n, seqlen]: calibration sequences (needed when the quantizer has needs_inputs).
-    The model is modified in place: quantized linears hold their dequantized weights, AWQ's
+    The model is modified in place: quantized targets hold their dequantized weights, AWQ's
     folds are applied. With `source`, layer weights are loaded from it and dropped afterwards
     (the model's layers may live on the meta device).
     """
     start = time.perf_counter()
     dev = resolve_device(device)
-    needs_inputs = bool(getattr(quantizer, "needs_inputs", False))
-    if needs_inputs and input_ids is None:
-        raise SFMPError(f"method {getattr(quantizer, 'name', '?')} needs calibration data")
-    layers = decoder_layers(model, spec)
-    batches = (catch_layer0_inputs(model, layers, input_ids, batch_size, dev)
-               if needs_inputs else None)
+    if quantizer.needs_inputs and input_ids is None:
+        raise SFMPError(f"method {quantizer.name} needs calibration data")
+    layers = decoder_layers(model, targets.spec)
+    captured = (catch_layer_inputs(model, targets.spec.layers_path, input_ids, batch_size, dev)
+                if quantizer.needs_inputs else None)
+    hidden = captured.hidden if captured is not None else []
     result = SequentialResult(codes={})
-    for i, layer in enumerate(tqdm(layers, desc=f"quantize ({getattr(quantizer, 'name', '')})",
-                                   unit="layer")):
-        prefix = f"{spec.layers_path}.{i}"
+    for i, layer in enumerate(tqdm(layers, desc=f"quantize ({quantizer.name})", unit="layer")):
+        prefix = targets.layer_prefix(i)
         home_dtype = next(layer.parameters()).dtype
+        batches = captured.at(i, hidden) if captured is not None else None
         with materialised(layer, prefix, dev, source):
-            codes, changed = _quantize_layer(layer, prefix, spec, plans, quantizer, batches)
+            codes, changed = _quantize_layer(layer, i, targets, plans, quantizer, batches)
             result.codes.update(codes)
             quantized = {name[len(prefix) + 1:] + ".weight" for name in codes}
             for name in sorted(set(changed) - quantized):
                 result.tensors[f"{prefix}.{name}"] = layer.get_parameter(name).detach().to(
                     "cpu", home_dtype if source is None else source.dtype(f"{prefix}.{name}"))
             if batches is not None:
-                batches = run_layer(layer, batches)
+                hidden = run_layer(layer, batches)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -7,7 +7,8 @@ Lifecycle per decoder layer (driven by offline.sequential):
    output error of the linears quantized *as SFMP will store them* (their permutations and block
    bit-widths, min-max per (row, group)). r = 0 is the identity, so scaling never loses on the
    calibration set. The best s is folded exactly: the linears' columns are multiplied by s, the
-   preceding op (norm weight, or the previous linear's rows) divided by s. Mappings whose
+   preceding op's output divided by s (a norm weight w / s, a (1 + w) norm's (1 + w) / s - 1,
+   or the previous linear's rows, one chunk of them for a fused linear). Mappings whose
    preceding op cannot absorb s exactly are skipped with a warning.
 2. `quantize` (per linear, reordered): per-(row, group) clipping search, shrinking the group's
    [min, max] on a 20-point grid down to `max_shrink`, with the block's bit-width, minimising
@@ -22,16 +23,17 @@ attention or MLP block): cheap, and the same objective for every architecture in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from offline.quantizers.base import LinearContext, QuantizedCodes, row_group_bits
+from offline.quantizers.base import (LinearContext, QuantizedCodes, Quantizer, register,
+                                     row_group_bits)
 from offline.quantizers.blockwise import (LinearPlan, fake_quantize, grouped, max_code,
                                           minmax_params, quantize_codes, quantize_minmax)
-from sfmp_serve.arch import ArchSpec, SmoothMapping
+from sfmp_serve.arch import LINEAR, NORM, OFFSET_NORM, ArchSpec, SmoothMapping
 from sfmp_serve.format import LayerGeometry
 
 log = logging.getLogger(__name__)
@@ -112,26 +114,47 @@ def fold_problem(layer: nn.Module, mapping: SmoothMapping, in_features: int) -> 
     if not isinstance(weight, torch.Tensor):
         return f"{mapping.prev} has no weight to absorb the scale"
     bias = getattr(prev, "bias", None)
-    if mapping.kind == "norm":
+    if mapping.kind in (NORM, OFFSET_NORM):
         if tuple(weight.shape) != (in_features,):
             return f"norm {mapping.prev} weight has shape {tuple(weight.shape)}, " \
                    f"expected ({in_features},)"
-    elif mapping.kind == "linear":
-        if weight.dim() != 2 or weight.shape[0] != in_features:
-            return f"{mapping.prev} has {weight.shape[0]} outputs but " \
+    elif mapping.kind == LINEAR:
+        index, count = mapping.chunk
+        if weight.dim() != 2 or weight.shape[0] % count:
+            return f"{mapping.prev} weight {tuple(weight.shape)} does not split into {count} " \
+                   "equal chunks of outputs"
+        rows = weight.shape[0] // count
+        if rows != in_features:
+            part = f" (chunk {index} of {count})" if count > 1 else ""
+            return f"{mapping.prev}{part} has {rows} outputs but " \
                    f"{', '.join(mapping.linears)} read {in_features} inputs"
     else:
         return f"unknown smoothing kind {mapping.kind!r}"
-    if bias is not None and tuple(bias.shape) != (in_features,):
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         return f"{mapping.prev} bias has shape {tuple(bias.shape)}"
     return None
 
 
+def _absorb(p: torch.Tensor, kind: str, s: torch.Tensor, chunk: tuple[int, int]) -> None:
+    """p (a weight or bias of the previous op) becomes what makes its output divided by s."""
+    if kind == LINEAR:
+        index, count = chunk
+        rows = p.shape[0] // count
+        part = p[index * rows:(index + 1) * rows]
+        s = s if p.dim() == 1 else s[:, None]
+        part.copy_((part.to(torch.float32) / s).to(p.dtype))
+    elif kind == OFFSET_NORM:
+        p.copy_(((1.0 + p.to(torch.float32)) / s - 1.0).to(p.dtype))
+    else:
+        p.copy_((p.to(torch.float32) / s).to(p.dtype))
+
+
 @torch.no_grad()
 def fold_scales(layer: nn.Module, mapping: SmoothMapping, scales: torch.Tensor) -> list[str]:
-    """prev /= s (norm weight, or previous linear's rows), linears' columns *= s. Exact.
+    """prev's output /= s (norm weight, or previous linear's rows), linears' columns *= s.
 
-    Returns the names (relative to `layer`) of every parameter that changed.
+    Exact (up to rounding) when fold_problem is None. Returns the names (relative to `layer`)
+    of every parameter that changed.
     """
     prev = layer.get_submodule(mapping.prev)
     changed = []
@@ -139,15 +162,53 @@ def fold_scales(layer: nn.Module, mapping: SmoothMapping, scales: torch.Tensor) 
         p = getattr(prev, pname, None)
         if p is None:
             continue
-        s = scales.to(device=p.device, dtype=torch.float32)
-        s = s if p.dim() == 1 else s[:, None]
-        p.copy_((p.to(torch.float32) / s).to(p.dtype))
+        # A norm's bias is added after its (1 + w) product, so it scales plainly.
+        kind = NORM if (mapping.kind == OFFSET_NORM and pname == "bias") else mapping.kind
+        _absorb(p, kind, scales.to(device=p.device, dtype=torch.float32), mapping.chunk)
         changed.append(f"{mapping.prev}.{pname}")
     for name in mapping.linears:
         w = layer.get_submodule(name).weight
         w.copy_((w.to(torch.float32) * scales.to(w.device)[None, :]).to(w.dtype))
         changed.append(f"{name}.weight")
     return changed
+
+
+ScaleChooser = Callable[[SmoothMapping, int], "torch.Tensor | None"]
+
+
+@torch.no_grad()
+def fold_layer(layer: nn.Module, spec: ArchSpec, scale_for: ScaleChooser,
+               layer_name: str = "", warned: set[tuple[str, ...]] | None = None) -> list[str]:
+    """Fold a scale into every smoothing mapping of one decoder layer.
+
+    scale_for(mapping, in_features) gives the scale [in_features], or None to leave the
+    mapping alone. A mapping whose preceding op cannot absorb a scale exactly (fold_problem)
+    is skipped with a warning, once per mapping in `warned`. Returns the changed parameters.
+    """
+    warned = set() if warned is None else warned
+    changed: list[str] = []
+    for mapping in spec.smooth:
+        try:
+            in_features = layer.get_submodule(mapping.linears[0]).in_features
+        except AttributeError:
+            in_features = -1
+        reason = fold_problem(layer, mapping, in_features)
+        if reason is not None:
+            _warn_skip(layer_name, mapping, reason, warned)
+            continue
+        scales = scale_for(mapping, in_features)
+        if scales is not None:
+            changed += fold_scales(layer, mapping, scales)
+    return changed
+
+
+def _warn_skip(layer_name: str, mapping: SmoothMapping, reason: str,
+               warned: set[tuple[str, ...]]) -> None:
+    # Same reason in every layer of a model: warn once per mapping, then only debug.
+    log_fn = log.debug if mapping.linears in warned else log.warning
+    warned.add(mapping.linears)
+    log_fn("AWQ %s: cannot fold a scale for %s into %s exactly (%s); skipping scaling for "
+           "this group", layer_name or "layer", ", ".join(mapping.linears), mapping.prev, reason)
 
 
 def clip_shrink_grid(grid: int, max_shrink: float) -> list[float]:
@@ -187,60 +248,52 @@ def search_clip(weight_r: torch.Tensor, block_bits: torch.Tensor, geometry: Laye
     return shrink
 
 
-@dataclass
-class AWQQuantizer:
-    """The `awq` method: scale search + exact fold per layer, clipping search per linear.
+@dataclass(frozen=True)
+class AWQConfig:
+    grid: int = 20
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+
+
+@register
+class AWQQuantizer(Quantizer):
+    """The `awq` method: scale search + exact fold per layer, clipping search per target.
 
     Both searches score candidates on every calibration token through Gram matrices, so the
     cost of a candidate does not grow with the calibration set.
     """
 
-    grid: int = 20
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    name: str = "awq"
-    needs_inputs: bool = True
-    _warned: set[tuple[str, ...]] = field(default_factory=set, repr=False)
-    # Linears of one input group share one input tensor: its group Grams are computed once.
-    _cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    name = "awq"
+    needs_inputs = True
+    Config = AWQConfig
 
-    @property
-    def method_args(self) -> dict[str, Any]:
-        return {"grid": self.grid, "clip_grid": self.clip_grid, "max_shrink": self.max_shrink}
+    def __init__(self, config: AWQConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._warned: set[tuple[str, ...]] = set()
+        # Targets of one input group share one input tensor: its group Grams are computed once.
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def prepare_layer(self, layer: nn.Module, spec: ArchSpec, plans: Mapping[str, LinearPlan],
+    def prepare_layer(self, layer: nn.Module, spec: ArchSpec, plans: Mapping[str, Any],
                       inputs: Mapping[str, torch.Tensor], layer_name: str = "") -> list[str]:
         """Search and fold the scales of every smoothing mapping of one decoder layer.
 
         plans and inputs are keyed by linear name relative to the layer; inputs are the
         full-precision inputs [T, K] in the original column order. Returns changed parameters.
         """
-        changed: list[str] = []
-        for mapping in spec.smooth:
+        def search(mapping: SmoothMapping, in_features: int) -> torch.Tensor | None:
             if not all(name in plans and name in inputs for name in mapping.linears):
-                log.debug("AWQ %s: %s not all quantized; no scaling", layer_name, mapping.linears)
-                continue
-            x = inputs[mapping.linears[0]]
-            reason = fold_problem(layer, mapping, x.shape[-1])
-            if reason is not None:
-                self._warn_skip(layer_name, mapping, reason)
-                continue
+                log.debug("AWQ %s: %s not all quantized; no scaling", layer_name,
+                          mapping.linears)
+                return None
             weights = [layer.get_submodule(n).weight for n in mapping.linears]
-            scales, ratio = search_scales(x, weights, [plans[n] for n in mapping.linears],
-                                          self.grid)
+            scales, ratio = search_scales(inputs[mapping.linears[0]], weights,
+                                          [plans[n] for n in mapping.linears], self.config.grid)
             log.debug("AWQ %s: %s <- %s ratio %.2f", layer_name, mapping.linears,
                       mapping.prev, ratio)
-            changed += fold_scales(layer, mapping, scales)
-        return changed
+            return scales
 
-    def _warn_skip(self, layer_name: str, mapping: SmoothMapping, reason: str) -> None:
-        # Same reason in every layer of a model: warn once per mapping, then only debug.
-        log_fn = log.debug if mapping.linears in self._warned else log.warning
-        self._warned.add(mapping.linears)
-        log_fn("AWQ %s: cannot fold a scale for %s into %s exactly (%s); skipping scaling for "
-               "this group", layer_name or "layer", ", ".join(mapping.linears), mapping.prev,
-               reason)
+        return fold_layer(layer, spec, search, layer_name, self._warned)
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, block_bits: torch.Tensor,
@@ -249,6 +302,6 @@ class AWQQuantizer:
         if self._cache is None or self._cache[0] is not context.inputs:
             x = context.inputs.reshape(-1, context.inputs.shape[-1])
             self._cache = (context.inputs, group_grams(x, geometry))
-        shrink = search_clip(weight, block_bits, geometry, self._cache[1], self.clip_grid,
-                             self.max_shrink)
+        shrink = search_clip(weight, block_bits, geometry, self._cache[1], self.config.clip_grid,
+                             self.config.max_shrink)
         return quantize_minmax(weight, block_bits, geometry, shrink)

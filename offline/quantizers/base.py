@@ -1,18 +1,30 @@
-"""The quantizer contract every method (RTN, AWQ, GPTQ) implements.
+"""The quantizer interface every method implements, and the registry that finds them.
 
-A quantizer sees one linear in its *reordered* order (rows by descending salience, columns in
-the shared input order) and the bit-width of every block; it returns integer codes and one
-asymmetric (scale, zero) pair per row and input group. Packing into bit planes happens after,
-in sfmp_serve.bitplanes, so no quantizer knows the storage format.
+A method is one module in this package defining a `Quantizer` subclass decorated with
+`@register`: a unique `name`, a frozen dataclass `Config` of its arguments (recorded in the
+checkpoint as method_args), `needs_inputs` if it reads calibration inputs, and:
+- `prepare_layer` (optional): sees a full-precision decoder layer and the inputs of its targets
+  before anything in it is quantized, and may rewrite it exactly (AWQ's scale folding);
+- `quantize`: one target's weight in its *reordered* order (rows by descending salience,
+  columns in the shared input order) and the bit-width of every block -> integer codes and one
+  asymmetric (scale, zero) pair per row and input group.
+offline.sequential drives every method, one decoder layer at a time. Packing into bit planes
+happens after, in sfmp_serve.bitplanes, so no quantizer knows the storage format.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar, Mapping, TypeVar
 
 import torch
+from torch import nn
 
+from sfmp_serve.arch import ArchSpec
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry
 
@@ -29,6 +41,7 @@ class LinearContext:
     """What a quantizer may use besides the weight (None where the method needs nothing)."""
 
     inputs: torch.Tensor | None = None  # calibration inputs [T, K], reordered columns
+    name: str = ""  # full name of the target
 
     def require_inputs(self, method: str) -> torch.Tensor:
         """The calibration inputs, for methods that cannot work without them."""
@@ -38,15 +51,72 @@ class LinearContext:
         return self.inputs
 
 
-class Quantizer(Protocol):
-    name: str
+@dataclass(frozen=True)
+class NoConfig:
+    """A method without arguments."""
 
+
+class Quantizer(ABC):
+    name: ClassVar[str]
+    needs_inputs: ClassVar[bool] = False
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        self.config = dataclasses.replace(config or self.Config(), **overrides)
+
+    @property
+    def method_args(self) -> dict[str, Any]:
+        """The method's arguments as the checkpoint records them."""
+        return dataclasses.asdict(self.config)
+
+    def prepare_layer(self, layer: nn.Module, spec: ArchSpec, plans: Mapping[str, Any],
+                      inputs: Mapping[str, torch.Tensor], layer_name: str = "") -> list[str]:
+        """Rewrite a full-precision decoder layer before it is quantized; plans and inputs
+        ([T, K], original column order) are keyed by name inside the layer. Returns the names
+        of the parameters it changed. Called only for methods with needs_inputs."""
+        return []
+
+    @abstractmethod
     def quantize(self, weight: torch.Tensor, block_bits: torch.Tensor,
                  geometry: LayerGeometry, context: LinearContext) -> QuantizedCodes:
         """weight: float32 [N, K] reordered; block_bits: uint8 [n_block_rows, n_groups]."""
-        ...
 
 
 def row_group_bits(block_bits: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
     """Bit-width of every (row, group), [N, n_groups] int64."""
     return block_bits.to(torch.int64).repeat_interleave(geometry.rows(), dim=0)
+
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+Q = TypeVar("Q", bound=type[Quantizer])
+
+
+def register(cls: Q) -> Q:
+    """Class decorator: make a Quantizer available as `--method <cls.name>`."""
+    other = _REGISTRY.get(cls.name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise SFMPError(f"method name {cls.name!r} is taken by {other.__module__}."
+                        f"{other.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every module of this package, so each method registers itself."""
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{info.name}")
+
+
+def methods() -> dict[str, type[Quantizer]]:
+    """Registered methods by name."""
+    _discover()
+    return dict(_REGISTRY)
+
+
+def make_quantizer(name: str) -> Quantizer:
+    """A fresh quantizer of method `name` with its default config."""
+    known = methods()
+    if name not in known:
+        raise SFMPError(f"--method={name!r}: expected one of {', '.join(sorted(known))}")
+    return known[name]()

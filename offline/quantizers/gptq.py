@@ -12,12 +12,13 @@ columns come first and are compensated by the less salient ones.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from offline.quantizers.base import LinearContext, QuantizedCodes, row_group_bits
+from offline.quantizers.base import (LinearContext, QuantizedCodes, Quantizer, register,
+                                     row_group_bits)
 from offline.quantizers.blockwise import group_slices, max_code, minmax_params, quantize_codes
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry
@@ -128,23 +129,25 @@ def gptq_quantize(weight: torch.Tensor, block_bits: torch.Tensor, geometry: Laye
     return QuantizedCodes(codes=codes.to(torch.uint8), scale=scale, zero=zero)
 
 
-@dataclass
-class GPTQQuantizer:
-    """The `gptq` method: a Quantizer that needs calibration inputs (LinearContext.inputs)."""
-
+@dataclass(frozen=True)
+class GPTQConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     damp_retries: int = 3
-    name: str = "gptq"
-    needs_inputs: bool = True
-    # Linears of one input group share one input tensor: factorise its Hessian once.
-    _cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None,
-                                                                            repr=False)
 
-    @property
-    def method_args(self) -> dict[str, Any]:
-        return {"percdamp": self.percdamp, "blocksize": self.blocksize,
-                "damp_retries": self.damp_retries}
+
+@register
+class GPTQQuantizer(Quantizer):
+    """The `gptq` method: Hessian error feedback on the target's calibration inputs."""
+
+    name = "gptq"
+    needs_inputs = True
+    Config = GPTQConfig
+
+    def __init__(self, config: GPTQConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        # Targets of one input group share one input tensor: factorise its Hessian once.
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, block_bits: torch.Tensor,
@@ -152,9 +155,9 @@ class GPTQQuantizer:
         context.require_inputs("gptq")
         x = context.inputs.reshape(-1, context.inputs.shape[-1])
         check_enough_tokens(x.shape[0], geometry.in_features)
+        cfg = self.config
         if self._cache is None or self._cache[0] is not context.inputs:
-            dead, hinv = prepare_hessian(hessian_from_inputs(x), self.percdamp,
-                                         self.damp_retries)
+            dead, hinv = prepare_hessian(hessian_from_inputs(x), cfg.percdamp, cfg.damp_retries)
             self._cache = (context.inputs, dead, hinv)
-        return gptq_quantize(weight, block_bits, geometry, None, blocksize=self.blocksize,
+        return gptq_quantize(weight, block_bits, geometry, None, blocksize=cfg.blocksize,
                              prepared=self._cache[1:])

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from offline.quantizers.base import LinearContext, QuantizedCodes
+from offline.quantizers.base import LinearContext, QuantizedCodes, Quantizer, register
 from offline.quantizers.blockwise import quantize_minmax
 from sfmp_serve.format import LayerGeometry
 
 
-class RTNQuantizer:
-    """Quantizer protocol: no calibration inputs needed."""
+@register
+class RTNQuantizer(Quantizer):
+    """The `rtn` method: no arguments, no calibration inputs."""
 
     name = "rtn"
 

@@ -29,11 +29,12 @@ def check_matches_model(out, model_dir):
     """Every quantized linear dequantizes to within half a step of the original weight."""
     ckpt = load_checkpoint(out)
     loaded = load_model(model_dir)
-    ckpt.validate({n: tuple(l.weight.shape) for n, l in loaded.linears.items()})
-    assert set(ckpt.config.quantized_modules) == set(loaded.linears)
-    for name, lin in loaded.linears.items():
+    ckpt.validate(loaded.targets.shapes())
+    assert set(ckpt.config.quantized_modules) == set(loaded.targets.targets)
+    for name in loaded.targets.targets:
         p = ckpt.packed(name)
-        w_r = lin.weight.detach()[p.output_perm.long()][:, p.input_perm.long()]
+        weight = loaded.model.get_submodule(name).weight.detach()
+        w_r = weight[p.output_perm.long()][:, p.input_perm.long()]
         deq_r = dequantize(p, ckpt.config, torch.float32, reordered=True)
         half_step = p.alpha.float().repeat_interleave(ckpt.config.group_size, 1)
         half_step = half_step[:, :w_r.shape[1]]

@@ -10,10 +10,13 @@ from offline.model_io import load_model
 from sfmp_serve.errors import SFMPError
 
 
-def test_finds_every_decoder_linear_and_input_group(tiny_qwen3):
+def test_finds_every_target_and_input_group(tiny_qwen3):
     loaded = load_model(tiny_qwen3)
-    assert len(loaded.linears) == 2 * 7
-    assert "model.layers.1.mlp.down_proj" in loaded.linears
+    assert len(loaded.targets) == 2 * 7
+    assert "model.layers.1.mlp.down_proj" in loaded.targets
+    down = loaded.targets["model.layers.1.mlp.down_proj"]
+    assert (down.layer, down.local, down.capture) == (1, "mlp.down_proj", "mlp.down_proj")
+    assert (down.out_features, down.in_features, down.has_bias) == (80, 176, False)
     assert ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
             "model.layers.0.self_attn.v_proj") in loaded.input_groups
     assert loaded.act_dtype == torch.float32

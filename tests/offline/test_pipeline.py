@@ -1,11 +1,12 @@
 """The orchestrator: stage timings, pluggable methods, cheap checks before expensive stages."""
 
+from dataclasses import dataclass
+
 import pytest
-import torch
 
 from offline import pipeline
 from offline.pipeline import QuantizeOptions, quantize_model
-from offline.quantizers.base import LinearContext
+from offline.quantizers import base
 from offline.quantizers.rtn import RTNQuantizer
 from sfmp_serve.errors import SFMPError
 
@@ -22,37 +23,54 @@ def test_result_and_stage_times(tiny_llama):
     assert abs(result.config.avg_bits - 3.5) <= 0.01
 
 
+@dataclass(frozen=True)
+class RecordingConfig:
+    flavour: str = "test"
+
+
 class RecordingQuantizer(RTNQuantizer):
-    """A plug-in method: RTN codes, but it asks for per-linear context."""
+    """A plug-in method: RTN codes, calibrated, recording what the engine hands it."""
 
     name = "recording"
-    method_args = {"flavour": "test"}
+    needs_inputs = True
+    Config = RecordingConfig
 
-    def __init__(self, inputs):
-        self.inputs = inputs
-        self.contexts = []
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self.prepared, self.contexts = [], []
+        made.append(self)
 
-    def linear_context(self, name):
-        self.contexts.append(name)
-        return LinearContext(inputs=torch.zeros(1, 1))
+    def prepare_layer(self, layer, spec, plans, inputs, layer_name=""):
+        self.prepared.append((layer_name, sorted(inputs)))
+        return []
+
+    def quantize(self, weight, block_bits, geometry, context):
+        self.contexts.append((context.name, tuple(context.inputs.shape)))
+        return super().quantize(weight, block_bits, geometry, context)
 
 
-def test_methods_plug_in_through_the_registry(tiny_llama, monkeypatch):
-    made = []
+made: list[RecordingQuantizer] = []
 
-    def factory(inputs):
-        made.append(RecordingQuantizer(inputs))
-        return made[-1]
 
-    monkeypatch.setitem(pipeline.METHODS, "recording", factory)
+def test_a_method_is_one_registered_class(tiny_llama, monkeypatch):
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    with pytest.raises(SFMPError, match=r"--method='recording': expected one of awq, gptq, rtn"):
+        QuantizeOptions(bits=3, budget_gb=None, method="recording", **FAST).validate()
+    base.register(RecordingQuantizer)
+    made.clear()
     result = quantize_model(tiny_llama, QuantizeOptions(bits=3, budget_gb=None,
                                                         method="recording", **FAST))
-    quantizer = made[0]
-    assert quantizer.inputs.tokens.shape == (2, 16)
-    assert set(quantizer.inputs.orders) == set(quantizer.inputs.loaded.linears)
-    assert quantizer.contexts == list(quantizer.inputs.loaded.linears)
+    quantizer = made[-1]
+    names = list(result.config.quantized_modules)
+    # one engine: every layer prepared with every target's input, then every target quantized
+    # on its (2 x 16 token) calibration inputs, in model order
+    assert quantizer.prepared == [(f"model.layers.{i}", sorted(
+        n.split(f"layers.{i}.")[1] for n in names if f"layers.{i}." in n)) for i in range(2)]
+    assert [name for name, _ in quantizer.contexts] == names
+    assert all(shape[0] == 2 * 16 for _, shape in quantizer.contexts)
     assert result.config.method == "recording"
     assert result.config.method_args["flavour"] == "test"
+    assert result.config.calibration["nsamples"] == 2
 
 
 def test_budget_is_checked_before_calibration(tiny_llama, monkeypatch):

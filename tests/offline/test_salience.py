@@ -15,10 +15,10 @@ def loaded(tiny_llama):
 
 def test_fisher_equals_sum_of_per_sequence_squared_gradients(loaded):
     tokens = torch.randint(3, 300, (3, 10), generator=torch.Generator().manual_seed(0))
-    fisher = fisher_diagonal(loaded.model, loaded.linears, tokens)
-    assert set(fisher) == set(loaded.linears)
-    names = list(loaded.linears)[:3]
-    weights = [loaded.linears[n].weight for n in names]
+    fisher = fisher_diagonal(loaded.model, loaded.targets, tokens)
+    assert set(fisher) == set(loaded.targets.targets)
+    names = list(loaded.targets.targets)[:3]
+    weights = [loaded.model.get_submodule(n).weight for n in names]
     expected = [torch.zeros_like(w) for w in weights]
     for seq in tokens:
         for w in weights:
@@ -38,9 +38,9 @@ def test_nan_salience_names_the_layer(tiny_llama):
     fresh = load_model(tiny_llama)
     name = "model.layers.1.mlp.down_proj"
     with torch.no_grad():
-        fresh.linears[name].weight[0, 0] = float("inf")
+        fresh.model.get_submodule(name).weight[0, 0] = float("inf")
     with pytest.raises(SFMPError, match=r"salience of model\.layers\.\d\..* NaN or Inf"):
-        fisher_diagonal(fresh.model, fresh.linears, torch.randint(3, 300, (1, 8)))
+        fisher_diagonal(fresh.model, fresh.targets, torch.randint(3, 300, (1, 8)))
 
 
 def test_device_choice():
@@ -56,10 +56,10 @@ def test_device_choice():
 def test_cuda_fisher_matches_cpu(tiny_llama):
     tokens = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     cpu = load_model(tiny_llama)
-    expected = fisher_diagonal(cpu.model, cpu.linears, tokens)
+    expected = fisher_diagonal(cpu.model, cpu.targets, tokens)
     gpu = load_model(tiny_llama)
     gpu.model.to("cuda")
-    got = fisher_diagonal(gpu.model, gpu.linears, tokens, "cuda")
+    got = fisher_diagonal(gpu.model, gpu.targets, tokens, "cuda")
     for name, e in expected.items():
         assert got[name].device.type == "cpu"
         assert torch.allclose(got[name], e, rtol=1e-3, atol=1e-9 * float(e.max())), name

@@ -2,10 +2,10 @@ import torch
 
 from offline import allocation as alloc
 from offline.layerwise_salience import layerwise_fisher
-from offline.model_io import find_linears
 from offline.reorder import salience_orders
 from offline.salience import fisher_diagonal
 from offline.streaming import load_skeleton
+from offline.targets import find_targets
 from sfmp_serve.arch import arch_for
 from sfmp_serve.format import LayerGeometry
 from tests.offline_methods.test_sequential import calib, load
@@ -23,17 +23,17 @@ def test_layerwise_fisher_equals_whole_model_fisher_and_gives_the_same_allocatio
     ids = calib(3, 32)
     model = load(tiny_llama)
     spec = arch_for(model.config.model_type)
-    linears, groups = find_linears(model, spec)
-    whole = fisher_diagonal(model, linears, ids)
+    targets = find_targets(model, spec)
+    groups = targets.groups
+    whole = fisher_diagonal(model, targets, ids)
 
     skeleton, source = load_skeleton(tiny_llama, spec)  # streamed: layers read per use
-    streamed = layerwise_fisher(skeleton, spec, list(linears), ids, source=source)
+    streamed = layerwise_fisher(skeleton, find_targets(skeleton, spec), ids, source=source)
     assert streamed.keys() == whole.keys()
     for name in whole:
         torch.testing.assert_close(streamed[name], whole[name], rtol=1e-4, atol=1e-12)
 
-    geos = {n: LayerGeometry(lin.out_features, lin.in_features, 32, 16)
-            for n, lin in linears.items()}
+    geos = {t.name: LayerGeometry(t.out_features, t.in_features, 32, 16) for t in targets}
     orders_w, bits_w = allocation_of(whole, groups, geos)
     orders_s, bits_s = allocation_of(streamed, groups, geos)
     for name in whole:
