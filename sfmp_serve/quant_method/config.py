@@ -17,8 +17,6 @@ from sfmp_serve.format import QUANT_METHOD, SFMPConfig
 
 logger = logging.getLogger(__name__)
 
-Shard = tuple[str, "str | int | None"]  # (checkpoint name of the linear, vLLM shard id)
-
 
 def _tensor_parallel_size() -> int:
     from vllm.distributed import get_tensor_model_parallel_world_size
@@ -75,25 +73,34 @@ class SFMPQuantConfig(QuantizationConfig):
         # Models whose vLLM module names differ from the checkpoint's rename them here.
         self.modules = frozenset(hf_to_vllm_mapper.apply_list(sorted(self.modules)))
 
-    def shards_of(self, prefix: str) -> list[Shard]:
-        """Checkpoint linears behind a vLLM layer: the arch table's fused shards, or itself."""
+    def shards_of(self, prefix: str) -> list[str]:
+        """Stored linears behind the vLLM layer `prefix`, in vLLM's shard order.
+
+        vLLM's packed_modules_mapping (set from the model class before any layer is built)
+        decides; without one, the architecture table's copy of it. A layer fused in the
+        checkpoint as well (Phi-3's qkv_proj) is one stored linear for all its shards.
+        """
+        base, _, name = prefix.rpartition(".")
+        members = (self.packed_modules_mapping or {}).get(name)
+        if members:
+            return [f"{base}.{m}" if base else m for m in members]
         for spec in (self.arch,) if self.arch is not None else ARCHITECTURES:
-            for fused, shards in spec.fused.items():
+            for fused, names in spec.fused.items():
                 if prefix == fused or prefix.endswith("." + fused):
-                    base = prefix[: len(prefix) - len(fused)]
-                    return [(base + name, shard_id) for name, shard_id in shards]
-        return [(prefix, None)]
+                    head = prefix[: len(prefix) - len(fused)]
+                    return [head + n for n in names]
+        return [prefix]
 
     def get_quant_method(self, layer: torch.nn.Module,
                          prefix: str) -> QuantizeMethodBase | None:
         if not isinstance(layer, LinearBase):
             return None  # embeddings, (tied) lm_head, attention: unquantized defaults
         shards = self.shards_of(prefix)
-        quantized = [name in self.modules for name, _ in shards]
+        quantized = [name in self.modules for name in shards]
         if not any(quantized):
             return UnquantizedLinearMethod()
         if not all(quantized):
-            names = [n for n, _ in shards]
+            names = shards
             missing = [n for n, q in zip(names, quantized) if not q]
             raise SFMPError(f"layer {prefix}: vLLM fuses {names} into one layer, but "
                             f"{missing} are not in quantization_config.quantized_modules; "

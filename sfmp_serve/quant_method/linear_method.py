@@ -3,7 +3,9 @@
 Lifecycle (vLLM's):
 1. create_weights: empty placeholder parameters named like the checkpoint tensors, with a
    weight_loader that keeps each shard's tensors as they arrive (shard ids "q"/"k"/"v" or 0/1
-   for fused layers, in any order; None for unfused ones).
+   for layers vLLM fuses from several stored linears, in any order; None for a layer that is
+   one stored linear, which may still cover several of vLLM's output partitions: Phi-3's
+   qkv_proj).
 2. process_weights_after_loading: every shard is validated against the model's [out, in]
    (a FormatError names layer and tensor and fails start-up), then ops.api builds the runtime
    layout ONCE (one input gather for the fused layer, one composed output gather, the
@@ -29,7 +31,8 @@ from sfmp_serve.ops import api
 
 logger = logging.getLogger(__name__)
 
-_LOADED = "_sfmp_loaded"  # layer attribute: shard id -> {tensor suffix: tensor}
+_LOADED = "_sfmp_loaded"  # layer attribute: shard index -> {tensor suffix: tensor}
+_QKV = {"q": 0, "k": 1, "v": 2}  # vLLM's shard ids of QKVParallelLinear
 # Bits of the layers this process serves, so the model gauges report the tensors, not the config.
 _served = BitStats(0, 0, 0)
 
@@ -51,12 +54,10 @@ def _placeholder_dtype(suffix: str, config: SFMPConfig) -> torch.dtype:
 class SFMPLinearMethod(LinearMethodBase):
     """Serves one (possibly fused) linear layer from SFMP shards."""
 
-    def __init__(self, config: SFMPConfig, prefix: str,
-                 shards: list[tuple[str, str | int | None]]) -> None:
+    def __init__(self, config: SFMPConfig, prefix: str, shards: list[str]) -> None:
         self.config = config
         self.prefix = prefix
-        self.shard_names = tuple(name for name, _ in shards)
-        self.shard_ids = tuple(shard_id for _, shard_id in shards)
+        self.shard_names = tuple(shards)
         self.shapes: list[tuple[int, int]] = []  # [out, in] per shard, from create_weights
         self.handle: api.LayerHandle | None = None
 
@@ -67,10 +68,13 @@ class SFMPLinearMethod(LinearMethodBase):
                 or sum(output_partition_sizes) != output_size):
             raise SFMPError(f"layer {self.prefix}: SFMP layers cannot be split across tensor "
                             "parallel ranks; use tensor parallel size 1")
-        if len(output_partition_sizes) != len(self.shard_names):
+        if len(output_partition_sizes) == len(self.shard_names):
+            self.shapes = [(n, input_size) for n in output_partition_sizes]
+        elif len(self.shard_names) == 1:  # fused in the checkpoint: one linear, every partition
+            self.shapes = [(sum(output_partition_sizes), input_size)]
+        else:
             raise SFMPError(f"layer {self.prefix}: vLLM expects {len(output_partition_sizes)} "
-                            f"shards, the architecture table names {list(self.shard_names)}")
-        self.shapes = [(n, input_size) for n in output_partition_sizes]
+                            f"shards, the checkpoint has {list(self.shard_names)}")
         setattr(layer, _LOADED, {})
         for suffix in TENSOR_SUFFIXES:
             param = torch.nn.Parameter(
@@ -80,18 +84,29 @@ class SFMPLinearMethod(LinearMethodBase):
                                                                          suffix)})
             layer.register_parameter(suffix, param)
 
+    def _shard_index(self, suffix: str, shard_id: str | int | None) -> int:
+        count = len(self.shard_names)
+        index = _QKV.get(shard_id) if isinstance(shard_id, str) and count == 3 else shard_id
+        if count == 1 and shard_id is None:
+            return 0
+        if count > 1 and isinstance(index, int) and 0 <= index < count:
+            return index
+        expected = [None] if count == 1 else (list(_QKV) if count == 3 else []) + list(
+            range(count))
+        raise FormatError(f"layer {self.prefix}: tensor {suffix} arrived with shard id "
+                          f"{shard_id!r}, expected one of {expected} (stored linears "
+                          f"{list(self.shard_names)})")
+
     def _load(self, layer: torch.nn.Module, suffix: str, param: torch.nn.Parameter,
               loaded_weight: torch.Tensor, shard_id: str | int | None = None) -> None:
-        if shard_id not in self.shard_ids:
-            raise FormatError(f"layer {self.prefix}: tensor {suffix} arrived with shard id "
-                              f"{shard_id!r}, expected one of {list(self.shard_ids)}")
-        getattr(layer, _LOADED).setdefault(shard_id, {})[suffix] = loaded_weight
+        index = self._shard_index(suffix, shard_id)
+        getattr(layer, _LOADED).setdefault(index, {})[suffix] = loaded_weight
 
     def _packed_shards(self, layer: torch.nn.Module) -> tuple[PackedLinear, ...]:
         loaded = getattr(layer, _LOADED)
         shards = []
-        for name, shard_id, shape in zip(self.shard_names, self.shard_ids, self.shapes):
-            tensors = {f"{name}.{k}": v for k, v in loaded.get(shard_id, {}).items()}
+        for index, (name, shape) in enumerate(zip(self.shard_names, self.shapes)):
+            tensors = {f"{name}.{k}": v for k, v in loaded.get(index, {}).items()}
             packed = PackedLinear.from_tensors(name, tensors)  # names missing tensors
             packed.validate(name, self.config, shape)
             shards.append(packed)

@@ -54,13 +54,43 @@ def test_from_config_validates_through_the_format():
     assert torch.float32 in _quant_config().get_supported_act_dtypes()
 
 
-def test_fused_prefix_maps_to_shards_in_vllm_order():
-    cfg = _quant_config()
-    assert cfg.shards_of(f"{ATTN}.qkv_proj") == [(QKV[0], "q"), (QKV[1], "k"), (QKV[2], "v")]
+def test_fused_prefix_maps_to_stored_linears_in_vllm_order():
+    cfg = _quant_config()  # no packed_modules_mapping from vLLM: the arch table's copy
+    assert cfg.shards_of(f"{ATTN}.qkv_proj") == list(QKV)
     assert cfg.shards_of("model.layers.3.mlp.gate_up_proj") == [
-        ("model.layers.3.mlp.gate_proj", 0), ("model.layers.3.mlp.up_proj", 1)]
-    assert cfg.shards_of("model.layers.3.mlp.down_proj") == [("model.layers.3.mlp.down_proj",
-                                                               None)]
+        "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj"]
+    assert cfg.shards_of("model.layers.3.mlp.down_proj") == ["model.layers.3.mlp.down_proj"]
+
+
+def test_vllm_packed_modules_mapping_decides_the_shards():
+    # Phi-3 stores qkv_proj fused: vLLM's mapping names the layer itself, one stored linear
+    cfg = _quant_config((f"{ATTN}.qkv_proj",))
+    cfg.packed_modules_mapping = {"qkv_proj": ["qkv_proj"], "gate_up_proj": ["gate_up_proj"]}
+    assert cfg.shards_of(f"{ATTN}.qkv_proj") == [f"{ATTN}.qkv_proj"]
+    cfg = _quant_config()
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    assert cfg.shards_of(f"{ATTN}.qkv_proj") == list(QKV)
+
+
+def test_one_stored_linear_serves_every_vllm_partition():
+    name = f"{ATTN}.qkv_proj"
+    cfg = _quant_config((name,))
+    cfg.packed_modules_mapping = {"qkv_proj": ["qkv_proj"]}
+    gen = torch.Generator().manual_seed(1)
+    packed = random_packed(128, 64, sfmp_config((name,)), gen, torch.randperm(64, generator=gen))
+    method = cfg.get_quant_method(FakeLinear(), name)
+    layer = FakeLinear()
+    method.create_weights(layer, 64, [64, 32, 32], 64, 128, torch.float32)  # q, k, v sizes
+    for suffix in TENSOR_SUFFIXES:
+        param = getattr(layer, suffix)
+        param.weight_loader(param, getattr(packed, suffix))  # vLLM passes no shard id
+    with pytest.raises(FormatError, match=r"shard id 'q', expected one of \[None\]"):
+        layer.alpha.weight_loader(layer.alpha, packed.alpha, "q")
+    method.process_weights_after_loading(layer)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(method.apply(layer, x),
+                               sfmp_linear_reference(x, packed, sfmp_config((name,)), "dequant"),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_method_choice_per_layer(monkeypatch):
