@@ -53,6 +53,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_config(arch: str = "llama", hidden: int = 96, intermediate: int = 200,
                 layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = True,
                 **extra):
+    """A transformers config of model_type `arch` with tiny widths (any model_type)."""
+    from transformers import AutoConfig
+
     common = dict(**extra, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
                   num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, max_position_embeddings=512,
@@ -61,8 +64,29 @@ def tiny_config(arch: str = "llama", hidden: int = 96, intermediate: int = 200,
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen3":
-        return Qwen3Config(head_dim=hidden // heads, **common)
-    raise ValueError(f"unknown tiny arch {arch!r}")
+        return Qwen3Config(**{"head_dim": hidden // heads, **common})
+    return AutoConfig.for_model(arch, **common)
+
+
+# A tiny random model of every model_type in sfmp_serve.arch (tests/test_families.py fails for a
+# family without one). Head sizes are ones vLLM's CPU attention takes (32, 64, ..., 256).
+FAMILY_MODELS: dict[str, dict] = {
+    "llama": dict(heads=3, kv_heads=1),  # head_dim 32, GQA
+    "mistral": dict(heads=3, kv_heads=1),
+    "qwen2": dict(heads=3, kv_heads=1),  # biases on q, k, v
+    "qwen3": dict(heads=3, kv_heads=1),  # q/k norms
+    # one KV head of 256, a sliding-window layer (window 8) and a full one, softcaps (Gemma 2)
+    "gemma2": dict(heads=2, kv_heads=1, head_dim=256, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(heads=2, kv_heads=1, head_dim=256, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(hidden=128, heads=2, kv_heads=2),  # fused qkv_proj / gate_up_proj, head_dim 64
+}
+
+
+def make_family_model(out_dir: str | Path, model_type: str, **overrides) -> Path:
+    """The tiny random model of FAMILY_MODELS[model_type], saved with its tokenizer."""
+    return make_tiny_model(out_dir, model_type, **{**FAMILY_MODELS[model_type], **overrides})
 
 
 def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0,

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from offline import pipeline
 from sfmp_serve.cli.main import main
-from tests.tiny import CORPUS, make_tiny_model
+from tests.tiny import CORPUS, make_family_model, make_tiny_model
 
 SMALL = ["--group-size", "32", "--block-rows", "16", "--nsamples", "4", "--seqlen", "64"]
 
@@ -33,10 +33,9 @@ def tensors(ckpt_dir):
     return out
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
-def test_streamed_checkpoint_equals_the_in_memory_one(biased_bf16, calib_text, tmp_path,
-                                                      monkeypatch, method):
-    common = ["quantize", str(biased_bf16), "--bits", "3.5", "--method", method,
+def memory_and_streamed(model_dir, method, calib_text, tmp_path, monkeypatch):
+    """The tensors of the checkpoint made in memory and of the one made --low-memory."""
+    common = ["quantize", str(model_dir), "--bits", "3.5", "--method", method,
               "--calib", str(calib_text), *SMALL]
     assert main([*common, "--out", str(tmp_path / "memory")]) == 0
 
@@ -45,8 +44,14 @@ def test_streamed_checkpoint_equals_the_in_memory_one(biased_bf16, calib_text, t
 
     monkeypatch.setattr(pipeline, "load_model", whole_model_forbidden)
     assert main([*common, "--low-memory", "--out", str(tmp_path / "streamed")]) == 0
+    return tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
 
-    memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_streamed_checkpoint_equals_the_in_memory_one(biased_bf16, calib_text, tmp_path,
+                                                      monkeypatch, method):
+    memory, streamed = memory_and_streamed(biased_bf16, method, calib_text, tmp_path,
+                                           monkeypatch)
     assert memory.keys() == streamed.keys()
     original = tensors(biased_bf16)
     folded = [k for k in memory if k.endswith("v_proj.bias")
@@ -56,6 +61,19 @@ def test_streamed_checkpoint_equals_the_in_memory_one(biased_bf16, calib_text, t
         assert streamed[key].dtype == memory[key].dtype, key
         # The only difference is the order in which layer-wise Fisher sums (1e-6 relative);
         # it moves no block across the allocation threshold on this model.
+        torch.testing.assert_close(streamed[key], memory[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3"])
+def test_streamed_equals_in_memory_for_every_layout(model_type, calib_text, tmp_path,
+                                                    monkeypatch):
+    """Gemma 3's sliding-window and full layers get different masks and rotary tables (each
+    layer's own arguments are caught), Phi-3 stores fused linears."""
+    model_dir = make_family_model(tmp_path / "model", model_type)
+    memory, streamed = memory_and_streamed(model_dir, "awq", calib_text, tmp_path,
+                                           monkeypatch)
+    assert memory.keys() == streamed.keys()
+    for key in memory:
         torch.testing.assert_close(streamed[key], memory[key], rtol=0, atol=0, msg=key)
 
 
