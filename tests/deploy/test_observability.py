@@ -54,11 +54,12 @@ def stack(tmp_path_factory):
     ckpt, avg_bits, bpw = _checkpoint(workdir)
     port = free_port()
     # `sfmp serve` makes its own fresh metrics dir and, given no KV-cache size, picks one that
-    # fits this machine; --enforce-eager skips torch.compile's warm-up (tens of seconds
-    # here), and the metrics do not depend on it.
+    # fits this machine; --verbose: vLLM's output in server.log, as the images run it;
+    # --enforce-eager skips torch.compile's warm-up (tens of seconds here), and the metrics do
+    # not depend on it.
     env = {k: v for k, v in os.environ.items()
            if k not in ("PROMETHEUS_MULTIPROC_DIR", "VLLM_CPU_KVCACHE_SPACE")}
-    server = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", str(ckpt),
+    server = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", "--verbose", str(ckpt),
                    "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
                    "--enforce-eager"],
                   workdir / "server.log", env=env)

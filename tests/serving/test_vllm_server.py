@@ -34,8 +34,9 @@ def checkpoint(serving_checkpoint) -> Path:
 def server(checkpoint, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", str(checkpoint),
-                 "--port", str(port), *VLLM_ARGS], log)
+    # --verbose: vLLM's own output in `log`, whose tail a failed start shows
+    proc = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", "--verbose",
+                 str(checkpoint), "--port", str(port), *VLLM_ARGS], log)
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}", proc
