@@ -47,7 +47,8 @@ def served(request, tmp_path_factory):
     ckpt = save_result(quantize_model(model_dir, options), model_dir, root / "sfmp")
     reference = load_sfmp_model(ckpt, dtype=torch.float32, dequantized=True)
     port = free_port()
-    proc = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", str(ckpt),
+    # --verbose: vLLM's own output in server.log, whose tail a failed start shows
+    proc = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", "--verbose", str(ckpt),
                  "--port", str(port), *VLLM_ARGS], root / "server.log")
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/health")
