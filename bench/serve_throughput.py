@@ -53,8 +53,8 @@ class Server:
     """One server in its own process group, killed as a whole."""
 
     def __init__(self, model: str, port: int, vllm_args: list[str], log: Path) -> None:
-        if is_sfmp_checkpoint(model):
-            cmd = [sys.executable, "-m", "sfmp_serve.cli.main", "serve", model]
+        if is_sfmp_checkpoint(model):  # --verbose: vLLM's own output into this log too
+            cmd = [sys.executable, "-m", "sfmp_serve.cli.main", "serve", model, "--verbose"]
         else:
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-prom-")}
