@@ -6,9 +6,11 @@ tensor (`input_groups`, in execution order), which stored linears vLLM fuses int
 preceding op can absorb an AWQ input scale exactly (`smooth`). Every other module asks this
 table (offline/targets.py turns it into quantization targets); none knows a family by name.
 
-Adding a family is one ArchSpec in ARCHITECTURES. tests/test_arch.py checks every entry on a
-tiny random model of each model_type: every decoder linear listed, input groups really share an
-input, folds exact (or refused by shape), fused names equal to vLLM's packed_modules_mapping.
+Adding a family is one ArchSpec in ARCHITECTURES (and a tiny config of each of its model_types
+in tests/tiny.py FAMILY_MODELS). tests/test_families.py checks every entry on a tiny random
+model: every decoder linear listed, input groups exactly the linears that share an input, folds
+exact (or refused by shape, with a warning), fused names equal to vLLM's packed_modules_mapping;
+tests/serving/test_families_vllm.py serves it in vLLM.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Block-wise quantizers: each maps a reordered weight and its block bit table to codes."""
+"""Quantization methods: one module per method, each a `Quantizer` registered with
+`base.register` (found by `base.methods()`); blockwise.py holds the math they share."""
