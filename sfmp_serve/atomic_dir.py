@@ -18,6 +18,13 @@ OUT exists (the swap never began, the old one stays) or else renamed to OUT (the
 between its renames: it is finished); old is deleted if OUT exists, else renamed back. Each is
 reported in the log. Directories of a live process other than this one belong to a concurrent
 writer and are left alone.
+
+Resumable writes (`sfmp quantize`, layer by layer): a tmp directory holding the RESUMABLE marker
+file is a partial result that a later run can continue, so `recover` keeps it (and says so);
+`resumable` lists such directories and `atomic_directory(..., adopt=PATH)` continues in one of
+them (renamed to the new writer's name first, so two resuming processes cannot share it). With
+`keep_interrupted`, Ctrl-C or SIGTERM inside the block leaves a resumable directory in place
+instead of deleting it; any other exception still deletes it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from sfmp_serve.errors import SFMPError
 log = logging.getLogger(__name__)
 
 _STATES = ("tmp", "new", "old")
+RESUMABLE = ".sfmp-resumable"  # marker file (its text says what is done) of a resumable tmp
 # Temporary directories of earlier versions (tempfile.mkdtemp(prefix=".OUT.")): 8 characters.
 _LEGACY_SUFFIX = re.compile(r"[a-z0-9_]{8}")
 
@@ -102,6 +110,10 @@ def recover(out_dir: str | os.PathLike) -> list[str]:
         done.append(message)
 
     for path in found["tmp"]:
+        if (path / RESUMABLE).is_file():  # nothing done to it: logged, not reported
+            log.info("%s: %s is the partial output of an interrupted run (%s)", out,
+                     path.name, resumable_state(path))
+            continue
         shutil.rmtree(path)
         report(f"removed {path.name}, the incomplete output of an interrupted run")
     for path in found["new"]:
@@ -123,6 +135,19 @@ def recover(out_dir: str | os.PathLike) -> list[str]:
             _fsync_dir(out.parent)
             report(f"restored {path.name}: an interrupted run had moved it aside")
     return done
+
+
+def resumable(out_dir: str | os.PathLike) -> list[Path]:
+    """Partial outputs of interrupted resumable writes of `out_dir`, newest first."""
+    return [p for p in _leftovers(Path(out_dir))["tmp"] if (p / RESUMABLE).is_file()]
+
+
+def resumable_state(path: Path) -> str:
+    """What a resumable directory's marker says is done (for messages)."""
+    try:
+        return (path / RESUMABLE).read_text(encoding="utf-8").strip() or "state unknown"
+    except (OSError, UnicodeDecodeError):
+        return "state unknown"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -186,13 +211,27 @@ def _discard(path: Path | None) -> None:
         log.warning("%s: not removed (%s); the next run removes it", path, e)
 
 
+def _adopt(out: Path, partial: Path) -> Path:
+    """Rename a resumable directory of `out` to this writer's tmp name."""
+    tmp = _sibling(out, "tmp")
+    try:
+        os.rename(partial, tmp)
+    except FileNotFoundError as e:
+        raise SFMPError(f"{partial}: gone (another run resumed it first?)") from e
+    return tmp
+
+
 @contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
+                     adopt: str | os.PathLike | None = None,
+                     keep_interrupted: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir` to fill; put it at `out_dir` on success.
 
-    An exception or a signal inside the block leaves `out_dir` as it was and nothing beside it.
-    With `overwrite`, an existing `out_dir` is replaced only once the new one is complete.
-    Errors of the filesystem become SFMPError naming `out_dir`.
+    An exception or a signal inside the block leaves `out_dir` as it was and nothing beside it
+    (with `keep_interrupted`, Ctrl-C or SIGTERM leave the tmp directory if it holds the
+    RESUMABLE marker). `adopt`: continue in that resumable directory (from `resumable`) instead
+    of a new one. With `overwrite`, an existing `out_dir` is replaced only once the new one is
+    complete. Errors of the filesystem become SFMPError naming `out_dir`.
     """
     out = Path(out_dir)
     try:
@@ -203,8 +242,11 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
             raise SFMPError(f"{out}: exists and is not a directory; remove it or choose "
                             "another output path")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _sibling(out, "tmp")
-        os.mkdir(tmp, 0o700)
+        if adopt is not None:
+            tmp = _adopt(out, Path(adopt))
+        else:
+            tmp = _sibling(out, "tmp")
+            os.mkdir(tmp, 0o700)
     except OSError as e:
         raise SFMPError(f"{out}: cannot prepare the output directory ({e})") from e
     new = None
@@ -218,6 +260,12 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         old = _swap(out, new)
         new = None
     except BaseException as e:
+        if (keep_interrupted and isinstance(e, KeyboardInterrupt) and tmp is not None
+                and (tmp / RESUMABLE).is_file()):
+            log.warning("%s: interrupted; the partial output stays in %s (%s): run the same "
+                        "command with --resume to continue", out, tmp.name,
+                        resumable_state(tmp))
+            tmp = None
         _discard(tmp)
         _discard(new)
         if isinstance(e, OSError):

@@ -22,6 +22,8 @@ import torch
 
 from sfmp_serve.atomic_dir import atomic_directory
 from sfmp_serve.errors import FormatError, SFMPError
+from sfmp_serve.shards import (DEFAULT_MAX_SHARD_SIZE, SINGLE_FILE, check_index, shard_names,
+                               split_units, write_index)
 from sfmp_serve.weights_file import read_weights, write_weights
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,8 @@ ACT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": t
 # Per-linear tensors, in the order docs/format.md lists them.
 TENSOR_SUFFIXES = ("qweight", "alpha", "beta", "block_bits", "block_offsets", "input_perm",
                    "output_perm")
-WEIGHTS_FILE = "model.safetensors"
-# Header metadata of the weights file (weights_file.py adds the checksums).
+WEIGHTS_FILE = SINGLE_FILE  # the weights of an unsharded checkpoint (sfmp_serve/shards.py)
+# Header metadata of every weights file (weights_file.py adds the checksums).
 WEIGHTS_METADATA = {"format": "pt", "sfmp_format_version": str(FORMAT_VERSION)}
 # config.json key and value that make plain transformers refuse the checkpoint: without
 # `import sfmp_serve.hf` it would ignore the unknown quant_method and run the model with random
@@ -466,6 +468,7 @@ def read_safetensors(path: str | os.PathLike, version: int = FORMAT_VERSION,
             if key in tensors:
                 raise FormatError(f"{f}: tensor {key}: also stored in {where[key]}")
             tensors[key], where[key] = tensor, f
+    check_index(Path(path), files, where)
     if unchecked:
         log.warning("%s: format version %d records no checksums (%s): corruption after export "
                     "cannot be detected; quantize again with this sfmp-serve to add them", path,
@@ -490,30 +493,52 @@ def load_checkpoint(path: str | os.PathLike, validate: bool = True,
     return ckpt
 
 
+def checkpoint_config(config: SFMPConfig, stats: BitStats) -> SFMPConfig:
+    """`config` as written: this format version, avg_bits and bits_per_weight as the tensors
+    give them (whatever `config` says)."""
+    return replace(config, format_version=FORMAT_VERSION, avg_bits=round(stats.avg_bits, 6),
+                   bits_per_weight=round(stats.bits_per_weight, 6))
+
+
+def write_config(directory: Path, hf_config: Mapping[str, Any], config: SFMPConfig) -> None:
+    """config.json: the model's config, `quantization_config` and the transformers guard."""
+    cfg = dict(hf_config)
+    cfg["quantization_config"] = config.to_dict()
+    cfg[TRANSFORMERS_GUARD_KEY] = TRANSFORMERS_GUARD
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def write_checkpoint(out_dir: str | os.PathLike, hf_config: Mapping[str, Any],
                      config: SFMPConfig, tensors: Mapping[str, torch.Tensor],
                      copy_files: Iterable[str | os.PathLike] = (),
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                     text_files: Mapping[str, str] | None = None) -> Path:
     """Validate and write a checkpoint (format version 2) atomically.
 
     The checkpoint is validated first, as load_checkpoint would: nothing invalid is ever
     written. avg_bits and bits_per_weight are recorded as the tensors give them, whatever
-    `config` says. The directory is assembled beside `out_dir` and renamed into place
-    (sfmp_serve.atomic_dir): a crash or an exception never leaves a partial checkpoint, and
-    `overwrite` keeps the old one at `out_dir` until the new one is complete.
+    `config` says. Weights larger than `max_shard_size` bytes are split into shards with an
+    index (sfmp_serve/shards.py), tensors in the order given. `text_files` (name -> text) are
+    written beside them (recipe.yaml, README.md). The directory is assembled beside `out_dir`
+    and renamed into place (sfmp_serve.atomic_dir): a crash or an exception never leaves a
+    partial checkpoint, and `overwrite` keeps the old one at `out_dir` until the new one is
+    complete.
     """
     ckpt = Checkpoint(Path(out_dir), dict(hf_config), config, dict(tensors))
-    stats = ckpt.bit_stats()
-    ckpt.config = config = replace(config, format_version=FORMAT_VERSION,
-                                   avg_bits=round(stats.avg_bits, 6),
-                                   bits_per_weight=round(stats.bits_per_weight, 6))
+    ckpt.config = config = checkpoint_config(config, ckpt.bit_stats())
     ckpt.validate()
+    sizes = [(k, t.numel() * t.element_size()) for k, t in tensors.items()]
+    shards = split_units(sizes, max_shard_size)
     with atomic_directory(out_dir, overwrite) as tmp:
-        cfg = dict(hf_config)
-        cfg["quantization_config"] = config.to_dict()
-        cfg[TRANSFORMERS_GUARD_KEY] = TRANSFORMERS_GUARD
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        write_weights(tmp / WEIGHTS_FILE, tensors, WEIGHTS_METADATA)
+        write_config(tmp, hf_config, config)
+        names = shard_names(len(shards))
+        for name, keys in zip(names, shards):
+            write_weights(tmp / name, {k: tensors[k] for k in keys}, WEIGHTS_METADATA)
+        if len(shards) > 1:
+            write_index(tmp, {k: name for name, keys in zip(names, shards) for k in keys},
+                        sum(n for _, n in sizes))
         for f in copy_files:
             shutil.copy2(f, tmp / Path(f).name)
+        for name, text in (text_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(out_dir)

@@ -21,9 +21,9 @@ from torch import nn
 from sfmp_serve.arch import ARCHITECTURES
 from sfmp_serve.errors import FormatError, SFMPError, one_line
 from sfmp_serve.format import all_finite, read_hf_config
+from sfmp_serve.shards import INDEX_FILE
 from sfmp_serve.weights_file import read_header
 
-INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
 

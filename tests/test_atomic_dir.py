@@ -233,7 +233,7 @@ def test_sigterm_while_writing_is_handled_like_ctrl_c(tmp_path, tensors, monkeyp
         time.sleep(5)  # the handler raises long before this ends
         pytest.fail("SIGTERM was not handled")
 
-    monkeypatch.setattr(weights_file, "save_file", terminated)
+    monkeypatch.setattr(weights_file, "write_safetensors", terminated)
     monkeypatch.setattr(cli_main, "build_parser", lambda: _parser_writing(out, tensors))
     assert cli_main.main(["write"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip() == "sfmp write: terminated (SIGTERM)"

@@ -181,7 +181,7 @@ def test_interrupt_while_writing_leaves_nothing(tmp_path, monkeypatch, capsys, t
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights_file, "save_file", interrupted)
+    monkeypatch.setattr(weights_file, "write_safetensors", interrupted)
     assert quantize(tiny_llama, tmp_path / "out", "--bits", "3") == 130
     assert list(tmp_path.iterdir()) == []
 
