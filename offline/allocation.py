@@ -229,3 +229,54 @@ def fit_budget(budget_bytes: int, allocate_at: Callable[[float], Allocation],
     log.info("budget %.4f GB: target %.4f bits, achieved %.4f, %.4f GB", budget_bytes / 1e9,
              best.target_bits, best.avg_bits, size_of(best) / 1e9)
     return best
+
+
+# --------------------------------------------------------------------------------------------
+# Pinned linears (--pin): fixed widths, counted in the average
+# --------------------------------------------------------------------------------------------
+def allocate_with_pins(importance: Mapping[str, torch.Tensor],
+                       sizes: Mapping[str, torch.Tensor], pinned: Mapping[str, int],
+                       target: float, choices_for: Callable[[float], Sequence[int]],
+                       bounds: tuple[float, float], warn: bool = True) -> Allocation:
+    """Bits for every block: each pinned linear (name -> bits, with its `sizes`) at its width,
+    the free linears (`importance`) ranked as `allocate` does, at the average that brings the
+    average over all of them to `target`. `choices_for(free_target)` gives the free widths;
+    a free target outside `bounds` (the lowest and highest they may take) is an SFMPError.
+    The recorded choices include the pins'."""
+    pinned_weights = sum(int(sizes[n].sum()) for n in pinned)
+    pinned_bits = sum(b * int(sizes[n].sum()) for n, b in pinned.items())
+    free_weights = sum(int(sizes[n].sum()) for n in importance)
+    total = pinned_weights + free_weights
+    fixed = {n: torch.full(sizes[n].shape, b, dtype=torch.uint8) for n, b in pinned.items()}
+    if not free_weights:
+        avg = pinned_bits / total
+        if abs(avg - target) > AVG_TOLERANCE:
+            raise SFMPError(f"--pin: every quantized linear is pinned, at {avg:.4f} bits on "
+                            f"average, not the target {target:g}")
+        return Allocation(fixed, avg, target, tuple(sorted(set(pinned.values()))))
+    free_target = (target * total - pinned_bits) / free_weights
+    if not bounds[0] - 1e-9 <= free_target <= bounds[1] + 1e-9:
+        raise SFMPError(
+            f"--pin makes the target {target:g} bits unreachable: the pinned linears hold "
+            f"{pinned_weights / total:.1%} of the quantized weights at "
+            f"{pinned_bits / pinned_weights:.3g} bits, so the others would need "
+            f"{free_target:.4f} bits on average, outside [{bounds[0]:g}, {bounds[1]:g}]")
+    free_target = min(max(free_target, bounds[0]), bounds[1])
+    choices = tuple(choices_for(free_target))
+    free = allocate(importance, sizes, free_target, choices, warn=False)
+    avg = (free.avg_bits * free_weights + pinned_bits) / total
+    if warn and abs(avg - target) > AVG_TOLERANCE:
+        log.warning("achieved average %.4f bits for target %.4f (pinned linears included): "
+                    "the free blocks are too coarse", avg, target)
+    return Allocation({**free.block_bits, **fixed}, avg, target,
+                      tuple(sorted(set(choices) | set(pinned.values()))))
+
+
+def pinned_range(sizes: Mapping[str, torch.Tensor], pinned: Mapping[str, int],
+                 lowest: float, highest: float) -> tuple[float, float]:
+    """The overall averages reachable when the free blocks range over [lowest, highest]."""
+    total = sum(int(s.sum()) for s in sizes.values())
+    pinned_weights = sum(int(sizes[n].sum()) for n in pinned)
+    pinned_bits = sum(b * int(sizes[n].sum()) for n, b in pinned.items())
+    free = total - pinned_weights
+    return ((lowest * free + pinned_bits) / total, (highest * free + pinned_bits) / total)

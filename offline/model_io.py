@@ -56,7 +56,8 @@ class LoadedModel:
         """A state-dict tensor in its stored dtype (from the checkpoint if streamed)."""
         if self.source is not None and key in self.source:
             return self.source.read([key])[key]
-        tensor = self.model.get_parameter(key)
+        owner, _, attr = key.rpartition(".")  # a parameter or a persistent buffer
+        tensor = getattr(self.model.get_submodule(owner), attr)
         return tensor.detach().to(self.orig_dtypes.get(key, tensor.dtype))
 
     @contextmanager

@@ -1,12 +1,16 @@
 """The offline SFMP pipeline: wires the stages, times them, and nothing else.
 
 load -> calibration -> salience -> reorder -> allocation -> quantize -> pack -> export
-The math lives in the stage modules. With `low_memory` the decoder layers are never all in
-memory: they are read one at a time from the safetensors files by layer-wise salience and the
-layer-at-a-time engine (data-free calibration, which samples from the whole model, is then
-not available). What gets quantized is the model's TargetSet (offline.targets); every method
-is a registered Quantizer (offline.quantizers.base) and runs through the one layer-at-a-time
-engine (offline.sequential).
+The math lives in the stage modules. Everything up to the allocation is decided before any
+layer is quantized (`plan_quantization` -> Plan, small enough for a resumed run to reload);
+then the layer-at-a-time engine (offline.sequential) quantizes one decoder layer at a time and
+`layer_units` packs each as it finishes into a Unit of stored tensors, which a writer puts on
+disk (offline.writer) or `quantize_model` collects in memory. With `low_memory` the decoder
+layers are never all in memory: they are read one at a time from the safetensors files by
+layer-wise salience and the engine (data-free calibration, which samples from the whole model,
+is then not available). What gets quantized is the model's TargetSet (offline.targets) minus
+the linears the overrides leave out (offline.overrides); every method is a registered
+Quantizer (offline.quantizers.base).
 """
 
 from __future__ import annotations
@@ -18,23 +22,24 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
-from tqdm import tqdm
 
 from offline import allocation as alloc
 from offline.calibration import CalibrationSpec, calibration_tokens
-from offline.export import (act_dtype_name, bits_per_weight, nbytes, pack_codes,
-                            packed_nbytes, save_checkpoint, unquantized_tensors)
+from offline.export import (Unit, act_dtype_name, layer_unit, outside_unit, packed_nbytes,
+                            save_checkpoint, unquantized_nbytes)
 from offline.layerwise_salience import layerwise_fisher
 from offline.model_io import LoadedModel, load_model, load_streamed, load_tokenizer
-from offline.quantizers.base import QuantizedCodes, Quantizer, make_quantizer, methods
+from offline.overrides import Selection, select
+from offline.quantizers.base import Quantizer, make_quantizer, methods
 from offline.reorder import Order, identity_order, salience_orders
 from offline.salience import fisher_diagonal, load_salience, resolve_device, save_salience
-from offline.sequential import make_plans, quantize_sequential
+from offline.sequential import make_plans, quantize_layers
 from sfmp_serve.errors import SFMPError
-from sfmp_serve.format import MAX_BITS, LayerGeometry, PackedLinear, SFMPConfig
+from sfmp_serve.format import (MAX_BITS, BitStats, LayerGeometry, PackedLinear, SFMPConfig,
+                               checkpoint_config)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,8 @@ STAGES = ("load", "calibration", "salience", "reorder", "allocation", "quantize"
 
 @dataclass
 class QuantizeOptions:
+    """The pipeline's settings: a recipe (sfmp_serve.recipe) plus how to run it."""
+
     bits: float | None
     budget_gb: float | None
     levels: int = 2
@@ -66,6 +73,9 @@ class QuantizeOptions:
     salience_cache: str | None = None
     # Stream decoder layers from the checkpoint: peak memory one layer plus activations.
     low_memory: bool = False
+    method_args: Mapping[str, Any] = field(default_factory=dict)  # fields of the method Config
+    ignore: tuple[str, ...] = ()  # regexes of linears left unquantized
+    pins: tuple[tuple[str, int], ...] = ()  # (regex, bits) of linears at a fixed width
 
     def validate(self) -> None:
         """Every check that needs no model, so bad flags fail before minutes of work."""
@@ -74,20 +84,33 @@ class QuantizeOptions:
         if self.budget_gb is not None and not self.budget_gb > 0:
             raise SFMPError(f"--budget-gb={self.budget_gb}: must be positive")
         alloc.check_block_shape(self.group_size, self.block_rows)
-        make_quantizer(self.method)  # names the registered methods if it is not one
+        make_quantizer(self.method, self.method_args)  # names the methods / arguments
         resolve_device(self.device)
         if self.uniform:
             if self.bits is not None and self.bits != int(self.bits):
                 raise SFMPError(f"--bits={self.bits}: --uniform needs an integer bit-width")
             if self.bits is not None:
                 alloc.check_choices((int(self.bits),))
-        elif self.bits is not None:
+        elif self.bits is not None and not self.pins:  # pins move the free blocks' target
             alloc.resolve_choices(self.bits, self.levels, self.bit_choices)
         elif self.levels not in (2, 3):
             raise SFMPError(f"--levels={self.levels}: expected 2 or 3")
-        elif self.bit_choices is not None:  # budget: the target is searched inside the choices
+        elif self.bit_choices is not None:  # the target is searched inside the choices
             alloc.resolve_choices(self.bit_choices[0], self.levels, self.bit_choices)
         CalibrationSpec(self.calib, self.nsamples, self.seqlen, self.seed)
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first layer is quantized; with the recipe, all a resumed
+    run needs besides the model (offline.writer stores it)."""
+
+    selection: Selection
+    geos: dict[str, LayerGeometry]  # quantized targets, model order
+    orders: dict[str, Order]
+    allocation: alloc.Allocation
+    tokens: torch.Tensor | None  # calibration tokens for a calibrated method
+    config: SFMPConfig  # the checkpoint's config, bit statistics not yet known
 
 
 @dataclass
@@ -97,6 +120,7 @@ class QuantizeResult:
     hf_config: dict[str, Any]
     extra_tensors: dict[str, torch.Tensor]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    options: QuantizeOptions | None = None
 
 
 def needs_calibration(method: str) -> bool:
@@ -116,17 +140,22 @@ class StageTimer:
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
+    def ordered(self) -> dict[str, float]:
+        return {s: self.seconds[s] for s in STAGES if s in self.seconds}
+
 
 # --------------------------------------------------------------------------------------------
-# Stages (thin wrappers binding the stage modules to a LoadedModel)
+# Allocation with a budget and pins
 # --------------------------------------------------------------------------------------------
-def geometries(loaded: LoadedModel, options: QuantizeOptions) -> dict[str, LayerGeometry]:
+def geometries(loaded: LoadedModel, options: QuantizeOptions,
+               names: tuple[str, ...] | None = None) -> dict[str, LayerGeometry]:
     return {t.name: LayerGeometry(t.out_features, t.in_features, options.group_size,
-                                  options.block_rows) for t in loaded.targets}
+                                  options.block_rows)
+            for t in loaded.targets if names is None or t.name in names}
 
 
 def budget_range(options: QuantizeOptions) -> tuple[int, int]:
-    """Lowest and highest average bits a --budget-gb search may reach."""
+    """Lowest and highest average bits a --budget-gb search may give the free blocks."""
     choices = options.bit_choices
     return (choices[0], choices[-1]) if choices else (alloc.DEFAULT_MIN_BITS, MAX_BITS)
 
@@ -137,87 +166,60 @@ def checkpoint_bytes(geos: dict[str, LayerGeometry], block_bits: dict[str, torch
     return extra_bytes + sum(packed_nbytes(geos[n], block_bits[n], act_dtype) for n in geos)
 
 
-def check_budget_reachable(loaded: LoadedModel, geos: dict[str, LayerGeometry],
-                           extra_bytes: int, options: QuantizeOptions) -> None:
+def check_budget_reachable(geos: dict[str, LayerGeometry], extra_bytes: int,
+                           act_dtype: torch.dtype, options: QuantizeOptions,
+                           pinned: Mapping[str, int]) -> None:
     """Before minutes of calibration: does even the lowest bit-width everywhere fit?"""
     if options.budget_gb is None:
         return
     lowest = budget_range(options)[0]
-    bits = {n: torch.full((g.n_block_rows, g.n_groups), lowest, dtype=torch.uint8)
-            for n, g in geos.items()}
-    smallest = checkpoint_bytes(geos, bits, loaded.act_dtype, extra_bytes)
+    bits = {n: torch.full((g.n_block_rows, g.n_groups), pinned.get(n, lowest),
+                          dtype=torch.uint8) for n, g in geos.items()}
+    smallest = checkpoint_bytes(geos, bits, act_dtype, extra_bytes)
     if smallest > options.budget_gb * 1e9:
         raise SFMPError(alloc.budget_too_small(options.budget_gb, lowest, smallest))
 
 
-def allocate_bits(loaded: LoadedModel, importance: dict[str, torch.Tensor],
-                  geos: dict[str, LayerGeometry], extra_bytes: int,
-                  options: QuantizeOptions) -> alloc.Allocation:
-    """Block bits from --bits, or the largest average that fits --budget-gb."""
+def allocate_bits(importance: dict[str, torch.Tensor], geos: dict[str, LayerGeometry],
+                  extra_bytes: int, act_dtype: torch.dtype, options: QuantizeOptions,
+                  pinned: Mapping[str, int]) -> alloc.Allocation:
+    """Block bits from --bits, or the largest average that fits --budget-gb; pinned linears
+    at their widths, counted in the average."""
     sizes = {name: alloc.block_sizes(geo) for name, geo in geos.items()}
+    free = {n: importance[n] for n in geos if n not in pinned}
+    warn = options.bits is not None
+
+    def choices_for(target: float) -> tuple[int, ...]:
+        return alloc.resolve_choices(target, options.levels, options.bit_choices)
 
     def at(target: float) -> alloc.Allocation:
         if options.uniform:
             return alloc.allocate(importance, sizes, math.floor(target), (math.floor(target),))
-        choices = alloc.resolve_choices(target, options.levels, options.bit_choices)
-        return alloc.allocate(importance, sizes, target, choices, warn=options.bits is not None)
+        if not pinned:
+            return alloc.allocate(importance, sizes, target, choices_for(target), warn=warn)
+        choices = options.bit_choices
+        bounds = (choices[0], choices[-1]) if choices else (1, MAX_BITS)
+        return alloc.allocate_with_pins(free, sizes, pinned, target, choices_for, bounds, warn)
 
     if options.bits is not None:
         return at(options.bits)
+    lowest, highest = budget_range(options)
+    if pinned:
+        lowest, highest = alloc.pinned_range(sizes, pinned, lowest, highest)
     result = alloc.fit_budget(
         int(options.budget_gb * 1e9), at,
-        lambda a: checkpoint_bytes(geos, a.block_bits, loaded.act_dtype, extra_bytes),
-        *budget_range(options))
+        lambda a: checkpoint_bytes(geos, a.block_bits, act_dtype, extra_bytes),
+        lowest, highest)
     if abs(result.avg_bits - result.target_bits) > alloc.AVG_TOLERANCE:
         log.warning("achieved average %.4f bits for target %.4f", result.avg_bits,
                     result.target_bits)
     return result
 
 
-def quantize_layerwise(loaded: LoadedModel, quantizer: Quantizer, tokens: torch.Tensor | None,
-                       orders: dict[str, Order], allocation: alloc.Allocation,
-                       geos: dict[str, LayerGeometry], device: str,
-                       extra: dict[str, torch.Tensor]) -> tuple[dict[str, QuantizedCodes],
-                                                                dict[str, torch.Tensor]]:
-    """One decoder layer at a time (offline.sequential), every method; calibrated methods on
-    the layer's calibration inputs.
-
-    Tensors the method changes besides the quantized weights (AWQ folds scales into norms and
-    biases) replace their copies in `extra`; the changed biases of quantized linears, which
-    `extra` does not hold, are returned for packing.
-    """
-    plans = make_plans(orders, allocation.block_bits, geos)
-    result = quantize_sequential(loaded.model, loaded.targets, plans, quantizer, tokens, device,
-                                 source=loaded.source)
-    changed_biases = {}
-    for key, value in result.tensors.items():
-        if key in extra:
-            extra[key] = value.to(extra[key].dtype)
-        else:
-            changed_biases[key] = value
-    return result.codes, changed_biases
-
-
-def pack_linears(loaded: LoadedModel, codes: dict[str, QuantizedCodes],
-                 orders: dict[str, Order], allocation: alloc.Allocation,
-                 geos: dict[str, LayerGeometry],
-                 changed: dict[str, torch.Tensor] | None = None) -> dict[str, PackedLinear]:
-    """Bit planes of every linear; biases from `changed` (AWQ) or else the checkpoint."""
-    changed = changed or {}
-    out = {}
-    for name in tqdm(codes, desc="pack", unit="linear", leave=False):
-        bias = None
-        if loaded.targets[name].has_bias:
-            key = f"{name}.bias"
-            bias = changed[key] if key in changed else loaded.read(key)
-            bias = bias.to(loaded.orig_dtypes.get(key, loaded.act_dtype))
-        out[name] = pack_codes(codes[name], allocation.block_bits[name], geos[name],
-                               orders[name], loaded.act_dtype, bias)
-    return out
-
-
 def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: alloc.Allocation,
-                 packed: dict[str, PackedLinear], quantizer: Quantizer) -> SFMPConfig:
+                 selection: Selection, quantizer: Quantizer,
+                 stats: BitStats | None = None) -> SFMPConfig:
+    """The checkpoint's quantization_config (bit statistics from `stats` once known)."""
     calibrated = not options.uniform or needs_calibration(options.method)
     calibration = ({"source": "none"} if not calibrated else
                    CalibrationSpec(options.calib, options.nsamples, options.seqlen,
@@ -227,13 +229,18 @@ def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: allo
                    "allocation": "uniform" if options.uniform else "fisher"}
     if options.budget_gb is not None:
         method_args["budget_gb"] = options.budget_gb
-    return SFMPConfig(
+    if options.ignore:
+        method_args["ignore"] = list(options.ignore)
+    if options.pins:
+        method_args["pin"] = dict(options.pins)
+    config = SFMPConfig(
         group_size=options.group_size, block_rows=options.block_rows,
         bit_choices=allocation.bit_choices, avg_bits=round(allocation.avg_bits, 6),
-        bits_per_weight=round(bits_per_weight(packed), 6),
-        act_dtype=act_dtype_name(loaded.act_dtype), quantized_modules=tuple(packed),
-        input_groups=loaded.spec.input_groups, target_bits=allocation.target_bits,
-        method=quantizer.name, method_args=method_args, calibration=calibration)
+        bits_per_weight=0.0, act_dtype=act_dtype_name(loaded.act_dtype),
+        quantized_modules=selection.quantized, input_groups=loaded.spec.input_groups,
+        target_bits=allocation.target_bits, method=quantizer.name, method_args=method_args,
+        calibration=calibration)
+    return config if stats is None else checkpoint_config(config, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +280,8 @@ def salience_of(loaded: LoadedModel, tokens: torch.Tensor,
 def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
                      geos: dict[str, LayerGeometry],
                      ) -> tuple[torch.Tensor | None, dict[str, Order], dict[str, torch.Tensor]]:
-    """calibration, salience, reorder -> (tokens, orders, reordered block importance)."""
+    """calibration, salience, reorder -> (tokens, orders, reordered block importance) of the
+    linears in `geos` (ignored linears take no part in the orders)."""
     device = resolve_device(options.device)
     if options.uniform:  # baseline: nothing is ranked; only a calibrated method needs data
         orders = {n: identity_order(g.out_features, g.in_features) for n, g in geos.items()}
@@ -296,48 +304,89 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
         if cache is not None:
             save_salience(cache, salience, cache_key)
     with timer("reorder"):
+        salience = {n: salience[n] for n in geos}
         orders = salience_orders(salience, loaded.input_groups)
         importance = {n: alloc.block_sums(orders[n].apply(s), geos[n])
                       for n, s in salience.items()}
+    del salience
+    if not needs_calibration(options.method):
+        tokens = None  # RTN reads no inputs: nothing for a resumed run to keep
     return tokens, orders, importance
 
 
-def quantize_model(model_dir: str | os.PathLike, options: QuantizeOptions) -> QuantizeResult:
-    """Run every stage on MODEL_DIR; the result is ready for `save_result`."""
-    options.validate()
-    timer = StageTimer()
+def load(model_dir: str | os.PathLike, options: QuantizeOptions,
+         timer: StageTimer) -> LoadedModel:
     with timer("load"):
-        loaded = (load_streamed if options.low_memory else load_model)(model_dir)
-        geos = geometries(loaded, options)
-    with timer("export"):  # the unquantized tensors' size is part of a budget
-        extra = unquantized_tensors(loaded.model, loaded.targets.targets, loaded.orig_dtypes,
-                                    loaded.source)
-    check_budget_reachable(loaded, geos, nbytes(extra), options)
+        return (load_streamed if options.low_memory else load_model)(model_dir)
+
+
+def plan_quantization(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
+                      quantizer: Quantizer) -> Plan:
+    """Overrides, calibration, salience, reorder, allocation: everything before the layers."""
+    selection = select(loaded.targets, options.ignore, options.pins)
+    geos = geometries(loaded, options, selection.quantized)
+    extra_bytes = unquantized_nbytes(loaded, selection.quantized)
+    check_budget_reachable(geos, extra_bytes, loaded.act_dtype, options, selection.pinned)
     tokens, orders, importance = _salience_stages(loaded, options, timer, geos)
     with timer("allocation"):
-        allocation = allocate_bits(loaded, importance, geos, nbytes(extra), options)
+        allocation = allocate_bits(importance, geos, extra_bytes, loaded.act_dtype, options,
+                                   selection.pinned)
     log.info("allocation: target %.4f bits, achieved %.4f over choices %s",
              allocation.target_bits, allocation.avg_bits, allocation.bit_choices)
-    with timer("quantize"):
-        quantizer = make_quantizer(options.method)
-        codes, changed = quantize_layerwise(loaded, quantizer, tokens, orders, allocation,
-                                            geos, options.device, extra)
-    with timer("pack"):
-        packed = pack_linears(loaded, codes, orders, allocation, geos, changed)
+    config = build_config(loaded, options, allocation, selection, quantizer)
+    return Plan(selection, geos, orders, allocation, tokens, config)
+
+
+def layer_units(loaded: LoadedModel, plan: Plan, quantizer: Quantizer,
+                options: QuantizeOptions, timer: StageTimer, start: int = 0,
+                hidden: list[torch.Tensor] | None = None) -> Iterator[Unit]:
+    """Quantize and pack the decoder layers from `start` on, one Unit per layer as it is done
+    (`hidden`: the calibration inputs of layer `start`, from a resumed run)."""
+    plans = make_plans(plan.orders, plan.allocation.block_bits, plan.geos)
+    layers = quantize_layers(loaded.model, loaded.targets, plans, quantizer, plan.tokens,
+                             options.device, source=loaded.source, start=start, hidden=hidden)
+    while True:
+        with timer("quantize"):
+            result = next(layers, None)
+        if result is None:
+            return
+        with timer("pack"):
+            unit = layer_unit(loaded, plan.config, plan.geos, plan.orders,
+                              plan.allocation.block_bits, result)
+        yield unit
+
+
+def quantize_model(model_dir: str | os.PathLike, options: QuantizeOptions) -> QuantizeResult:
+    """Run every stage on MODEL_DIR and keep the result in memory, ready for `save_result`
+    (sfmp_serve.quantize writes layer by layer instead)."""
+    options.validate()
+    timer = StageTimer()
+    loaded = load(model_dir, options, timer)
+    quantizer = make_quantizer(options.method, options.method_args)
+    plan = plan_quantization(loaded, options, timer, quantizer)
     with timer("export"):
-        config = build_config(loaded, options, allocation, packed, quantizer)
-        for name, p in packed.items():
-            p.validate(name, config, (geos[name].out_features, geos[name].in_features))
-    seconds = {s: timer.seconds[s] for s in STAGES if s in timer.seconds}
-    return QuantizeResult(config, packed, loaded.hf_config, extra, seconds)
+        extra = dict(outside_unit(loaded).tensors)
+    packed: dict[str, PackedLinear] = {}
+    stats = BitStats(0, 0, 0)
+    for unit in layer_units(loaded, plan, quantizer, options, timer):
+        packed.update(unit.packed)
+        extra.update({k: t for k, t in unit.tensors.items()
+                      if k.rpartition(".")[0] not in unit.packed})
+        stats = unit.add_to(stats)
+    config = checkpoint_config(plan.config, stats)
+    return QuantizeResult(config, packed, loaded.hf_config, extra, timer.ordered(), options)
 
 
 def save_result(result: QuantizeResult, model_dir: str | os.PathLike,
-                out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the checkpoint atomically; the write time is added to the export stage."""
+                out_dir: str | os.PathLike, overwrite: bool = False,
+                **card: Any) -> Path:
+    """Write the checkpoint atomically, with its recipe and model card when the result knows
+    its options; the write time is added to the export stage. `card`: offline.card.model_card
+    arguments (metrics=...)."""
     start = time.perf_counter()
     out = save_checkpoint(out_dir, model_dir, result.hf_config, result.config, result.packed,
-                          result.extra_tensors, overwrite=overwrite)
+                          result.extra_tensors, overwrite=overwrite, options=result.options,
+                          **card)
     result.stage_seconds["export"] = (result.stage_seconds.get("export", 0.0)
                                       + time.perf_counter() - start)
     return out

@@ -14,6 +14,8 @@ Lifecycle:
       quantize each target of the group in its reordered form, and put the dequantized weight
       back;
    c. run the quantized layer on the stored inputs: its outputs are the inputs of layer i+1.
+`quantize_layers` yields each layer's result as it finishes (the pipeline packs and writes it
+then), and can start at any layer given the hidden states entering it (a resumed run).
 Peak memory is one layer plus the calibration activations. With `SafetensorsSource` the layer
 weights are read lazily from the checkpoint (safe_open) and dropped afterwards, so a model
 larger than RAM streams through. Methods that need no inputs (RTN) skip every forward pass.
@@ -40,8 +42,9 @@ from sfmp_serve.errors import SFMPError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerInputs", "SequentialResult", "catch_layer_inputs", "capture_inputs",
-           "decoder_layers", "make_plans", "materialised", "quantize_sequential", "run_layer"]
+__all__ = ["LayerInputs", "LayerResult", "SequentialResult", "catch_layer_inputs",
+           "capture_inputs", "decoder_layers", "make_plans", "materialised", "quantize_layers",
+           "quantize_sequential", "run_layer"]
 
 
 @dataclass
@@ -244,40 +247,75 @@ def _quantize_layer(layer: nn.Module, index: int, targets: TargetSet,
     return codes, changed
 
 
-@torch.no_grad()
-def quantize_sequential(model: nn.Module, targets: TargetSet, plans: Mapping[str, LinearPlan],
-                        quantizer: Quantizer, input_ids: torch.Tensor | None = None,
-                        device: str = "cpu", batch_size: int = 4,
-                        source: SafetensorsSource | None = None) -> SequentialResult:
-    """Quantize every planned target (full names) of `model`, one decoder layer at a time.
+@dataclass
+class LayerResult:
+    """What quantizing one decoder layer produced."""
+
+    index: int
+    codes: dict[str, QuantizedCodes]  # full target name -> codes of its reordered weight (CPU)
+    # Full state-dict names -> new values (float32, CPU) of parameters the method changed that
+    # are not weights of quantized targets (AWQ's folded norms; biases).
+    tensors: dict[str, torch.Tensor]
+    # The quantized layer's outputs on the calibration batches: the inputs of layer index + 1
+    # (None for methods without inputs). A resumed run starts from them.
+    hidden: list[torch.Tensor] | None
+
+
+def quantize_layers(model: nn.Module, targets: TargetSet, plans: Mapping[str, LinearPlan],
+                    quantizer: Quantizer, input_ids: torch.Tensor | None = None,
+                    device: str = "cpu", batch_size: int = 4,
+                    source: SafetensorsSource | None = None, start: int = 0,
+                    hidden: list[torch.Tensor] | None = None) -> Iterator[LayerResult]:
+    """Quantize every planned target (full names) of `model`, one decoder layer at a time,
+    yielding each layer's result as soon as it is done (its weights already dropped when
+    streamed), so a consumer can write it and memory does not grow with the layers done.
 
     input_ids [n, seqlen]: calibration sequences (needed when the quantizer has needs_inputs).
+    start, hidden: continue at layer `start`, whose calibration inputs are `hidden` (a
+    LayerResult.hidden of layer start - 1); earlier layers are not touched.
     The model is modified in place: quantized targets hold their dequantized weights, AWQ's
     folds are applied. With `source`, layer weights are loaded from it and dropped afterwards
     (the model's layers may live on the meta device).
     """
-    start = time.perf_counter()
     dev = resolve_device(device)
     if quantizer.needs_inputs and input_ids is None:
         raise SFMPError(f"method {quantizer.name} needs calibration data")
     layers = decoder_layers(model, targets.spec)
     captured = (catch_layer_inputs(model, targets.spec.layers_path, input_ids, batch_size, dev)
                 if quantizer.needs_inputs else None)
-    hidden = captured.hidden if captured is not None else []
-    result = SequentialResult(codes={})
-    for i, layer in enumerate(tqdm(layers, desc=f"quantize ({quantizer.name})", unit="layer")):
-        prefix = targets.layer_prefix(i)
+    if captured is not None:
+        if start and hidden is None:
+            raise ValueError(f"starting at layer {start} needs the hidden states entering it")
+        hidden = captured.hidden if not start else [h.to(dev) for h in hidden]
+    bar = tqdm(range(start, len(layers)), desc=f"quantize ({quantizer.name})", unit="layer",
+               initial=start, total=len(layers))
+    for i in bar:
+        layer, prefix = layers[i], targets.layer_prefix(i)
         home_dtype = next(layer.parameters()).dtype
         batches = captured.at(i, hidden) if captured is not None else None
+        tensors = {}
         with materialised(layer, prefix, dev, source):
             codes, changed = _quantize_layer(layer, i, targets, plans, quantizer, batches)
-            result.codes.update(codes)
             quantized = {name[len(prefix) + 1:] + ".weight" for name in codes}
             for name in sorted(set(changed) - quantized):
-                result.tensors[f"{prefix}.{name}"] = layer.get_parameter(name).detach().to(
+                tensors[f"{prefix}.{name}"] = layer.get_parameter(name).detach().to(
                     "cpu", home_dtype if source is None else source.dtype(f"{prefix}.{name}"))
             if batches is not None:
                 hidden = run_layer(layer, batches)
+        yield LayerResult(i, codes, tensors, hidden if batches is not None else None)
+
+
+def quantize_sequential(model: nn.Module, targets: TargetSet, plans: Mapping[str, LinearPlan],
+                        quantizer: Quantizer, input_ids: torch.Tensor | None = None,
+                        device: str = "cpu", batch_size: int = 4,
+                        source: SafetensorsSource | None = None) -> SequentialResult:
+    """quantize_layers over every layer, collected (codes of every layer held at once)."""
+    start = time.perf_counter()
+    result = SequentialResult(codes={})
+    for layer in quantize_layers(model, targets, plans, quantizer, input_ids, device,
+                                 batch_size, source):
+        result.codes.update(layer.codes)
+        result.tensors.update(layer.tensors)
     result.seconds = time.perf_counter() - start
     return result
 

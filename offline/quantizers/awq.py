@@ -29,11 +29,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from offline.quantizers.base import (LinearContext, QuantizedCodes, Quantizer, register,
-                                     row_group_bits)
+from offline.quantizers.base import (LinearContext, QuantizedCodes, Quantizer,
+                                     check_positive, register, row_group_bits)
 from offline.quantizers.blockwise import (LinearPlan, fake_quantize, grouped, max_code,
                                           minmax_params, quantize_codes, quantize_minmax)
 from sfmp_serve.arch import LINEAR, NORM, OFFSET_NORM, ArchSpec, SmoothMapping
+from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry
 
 log = logging.getLogger(__name__)
@@ -250,9 +251,14 @@ def search_clip(weight_r: torch.Tensor, block_bits: torch.Tensor, geometry: Laye
 
 @dataclass(frozen=True)
 class AWQConfig:
-    grid: int = 20
-    clip_grid: int = 20
-    max_shrink: float = 0.5
+    grid: int = 20  # scale exponents tried in [0, 1)
+    clip_grid: int = 20  # clipping ratios tried in [max_shrink, 1]
+    max_shrink: float = 0.5  # smallest fraction of a group's range clipping may keep
+
+    def __post_init__(self) -> None:
+        check_positive(self, "grid", "clip_grid", "max_shrink")
+        if self.max_shrink > 1:
+            raise SFMPError(f"method.args.max_shrink={self.max_shrink!r}: must be in (0, 1]")
 
 
 @register

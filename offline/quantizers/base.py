@@ -114,9 +114,51 @@ def methods() -> dict[str, type[Quantizer]]:
     return dict(_REGISTRY)
 
 
-def make_quantizer(name: str) -> Quantizer:
-    """A fresh quantizer of method `name` with its default config."""
+def _method(name: str) -> type[Quantizer]:
     known = methods()
     if name not in known:
         raise SFMPError(f"--method={name!r}: expected one of {', '.join(sorted(known))}")
-    return known[name]()
+    return known[name]
+
+
+def method_config(name: str, args: Mapping[str, Any] | None = None,
+                  where: str = "recipe") -> Any:
+    """The Config of method `name` with `args` (its field names; the rest keep their
+    defaults). An unknown argument is refused with its name, and each value must have the type
+    of its default (an integer is a number too); the Config checks its ranges."""
+    config_cls = _method(name).Config
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    typed = {}
+    for key, value in (args or {}).items():
+        if key not in fields:
+            takes = ", ".join(fields) if fields else "no arguments"
+            raise SFMPError(f"{where}: method.args.{key}: unknown argument of method {name} "
+                            f"(it takes: {takes})")
+        default = fields[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise SFMPError(f"{where}: method.args.{key}: expected a {type(default).__name__} "
+                            f"(default {default!r}), got {value!r}")
+        typed[key] = value
+    return config_cls(**typed)
+
+
+def make_quantizer(name: str, args: Mapping[str, Any] | None = None) -> Quantizer:
+    """A fresh quantizer of method `name` with its config (defaults, updated by `args`)."""
+    return _method(name)(method_config(name, args))
+
+
+def check_positive(config: Any, *names: str) -> None:
+    """SFMPError naming the first of `names` whose value in `config` is not > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise SFMPError(f"method.args.{name}={value!r}: must be positive")

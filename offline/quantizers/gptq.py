@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from offline.quantizers.base import (LinearContext, QuantizedCodes, Quantizer, register,
-                                     row_group_bits)
+from offline.quantizers.base import (LinearContext, QuantizedCodes, Quantizer,
+                                     check_positive, register, row_group_bits)
 from offline.quantizers.blockwise import group_slices, max_code, minmax_params, quantize_codes
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry
@@ -131,9 +131,14 @@ def gptq_quantize(weight: torch.Tensor, block_bits: torch.Tensor, geometry: Laye
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    percdamp: float = 0.01
-    blocksize: int = 128
-    damp_retries: int = 3
+    percdamp: float = 0.01  # damping, as a fraction of the Hessian's mean diagonal
+    blocksize: int = 128  # columns per lazy batch update
+    damp_retries: int = 3  # times the damping is multiplied by 10 if H is not positive definite
+
+    def __post_init__(self) -> None:
+        check_positive(self, "percdamp", "blocksize")
+        if self.damp_retries < 0:
+            raise SFMPError(f"method.args.damp_retries={self.damp_retries!r}: must be >= 0")
 
 
 @register

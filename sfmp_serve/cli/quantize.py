@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from sfmp_serve.errors import SFMPError
@@ -23,6 +24,10 @@ about 2 minutes for SmolLM2-135M on 2 idle Xeon cores, 40 s with --device cuda o
 and several times longer on a busy machine. The reference method uses 128 x 512
 (--nsamples 128 --seqlen 512), best with --device cuda.
 
+every checkpoint holds the recipe that made it (OUT/recipe.yaml) and a model card
+(OUT/README.md); `sfmp quantize MODEL --recipe OUT/recipe.yaml --out OUT2` makes the same
+tensors again. A killed run leaves its progress beside OUT; --resume continues it.
+
 examples:
   sfmp quantize models/smollm2-bf16 --bits 3.25 --out models/smollm2-w3.25
   sfmp quantize MODEL --bits 3.0 --levels 3 --bit-choices 2,3,4 --out OUT
@@ -30,6 +35,10 @@ examples:
   sfmp quantize MODEL --bits 3.25 --method gptq --out OUT
   sfmp quantize MODEL --bits 3 --uniform --method awq --out OUT   (plain g128 baseline)
   sfmp quantize MODEL --bits 3.5 --method gptq --low-memory --calib text.txt --out OUT
+  sfmp quantize MODEL --bits 3.25 --ignore 'layers\\.0\\.' --pin 'down_proj=4' --out OUT
+  sfmp quantize MODEL --bits 3.25 --method gptq --method-arg percdamp=0.02 --out OUT
+  sfmp quantize MODEL --recipe OTHER_CKPT/recipe.yaml --max-shard-size 2GB --out OUT
+  sfmp quantize MODEL ... --out OUT --resume            (after a killed run)
 """
 
 
@@ -38,90 +47,174 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "quantize", help="quantize a Hugging Face model into an SFMP checkpoint",
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face causal LM directory")
-    target = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--recipe", metavar="FILE", help="start from this recipe (YAML, e.g. "
+                   "another checkpoint's recipe.yaml); the flags below override its values")
+    r = p.add_argument_group("recipe (what is made; stored in OUT/recipe.yaml)")
+    target = r.add_mutually_exclusive_group()
     target.add_argument("--bits", type=float, help="target average bits per weight (codes "
                         "only; alpha/beta add 2*16/group-size), e.g. 3.25")
     target.add_argument("--budget-gb", type=float, help="largest average bits whose checkpoint "
                         "tensors (packed linears + everything unquantized) fit in this many "
                         "GB (1e9 bytes)")
-    p.add_argument("--levels", type=int, choices=(2, 3), default=2,
-                   help="2: floor/ceil of --bits; 3: three bit-widths (default %(default)s)")
-    p.add_argument("--bit-choices", help="comma-separated bit-widths, as many as --levels, "
+    r.add_argument("--levels", type=int, choices=(2, 3),
+                   help="2: floor/ceil of --bits; 3: three bit-widths (default 2)")
+    r.add_argument("--bit-choices", help="comma-separated bit-widths, as many as --levels, "
                    "e.g. 2,3,4 (default: 2 levels floor/ceil of --bits; 3 levels the nearest "
                    "integer and its neighbours; a budget searches 2..8 bits)")
-    p.add_argument("--group-size", type=int, default=128,
-                   help="inputs per quantization group, multiple of 8 (default %(default)s)")
-    p.add_argument("--block-rows", type=int, default=512,
-                   help="output rows per allocation block (default %(default)s)")
-    p.add_argument("--uniform", action="store_true", help="baseline: no salience or "
-                   "reordering (identity orders), every block gets the same integer --bits; "
-                   "awq/gptq still calibrate")
-    p.add_argument("--calib", metavar="SOURCE", help="calibration text (see below; default: "
+    r.add_argument("--group-size", type=int,
+                   help="inputs per quantization group, multiple of 8 (default 128)")
+    r.add_argument("--block-rows", type=int, help="output rows per allocation block "
+                   "(default 512)")
+    r.add_argument("--uniform", action="store_true", default=None, help="baseline: no "
+                   "salience or reordering (identity orders), every block gets the same "
+                   "integer --bits; awq/gptq still calibrate")
+    r.add_argument("--calib", metavar="SOURCE", help="calibration text (see below; default: "
                    "data-free sampling from the model)")
-    p.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
-                   help="calibration sequences (default %(default)s)")
-    p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
-                   help="tokens per calibration sequence (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="calibration seed (default %(default)s)")
-    p.add_argument("--salience-cache", metavar="FILE", default=None,
-                   help="reuse the Fisher salience stored in FILE if it exists (it must match "
-                        "the model and calibration), else compute and store it there: "
-                        "quantizing to several bit-widths then pays for salience once")
-    p.add_argument("--method", default="rtn", help="quantizer: rtn (round to nearest), awq "
-                   "(activation-aware scales + clipping) or gptq (Hessian error feedback); "
-                   "awq/gptq run layer by layer on the calibration data (default %(default)s)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="device for calibration, salience and awq/gptq (default %(default)s)")
-    p.add_argument("--low-memory", action="store_true",
-                   help="never load the whole model: read one decoder layer at a time from "
-                        "the safetensors files (salience and quantization layer by layer; "
-                        "needs --calib, as data-free sampling runs the whole model)")
+    r.add_argument("--nsamples", type=int, help=f"calibration sequences (default "
+                   f"{DEFAULT_NSAMPLES})")
+    r.add_argument("--seqlen", type=int, help=f"tokens per calibration sequence (default "
+                   f"{DEFAULT_SEQLEN})")
+    r.add_argument("--seed", type=int, help="calibration seed (default 0)")
+    r.add_argument("--method", help="quantizer: rtn (round to nearest), awq (activation-aware "
+                   "scales + clipping) or gptq (Hessian error feedback); awq/gptq run layer by "
+                   "layer on the calibration data (default rtn)")
+    r.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="a field of the "
+                   "method's config, e.g. percdamp=0.02 (gptq: percdamp, blocksize, "
+                   "damp_retries; awq: grid, clip_grid, max_shrink); repeatable")
+    r.add_argument("--ignore", action="append", metavar="REGEX", help="leave the linears whose "
+                   "full name matches (re.search) in their original dtype, e.g. "
+                   "'layers\\.0\\.' ; repeatable")
+    r.add_argument("--pin", action="append", metavar="REGEX=BITS", help="give every block of "
+                   "the matching linears BITS bits; counted in the average, the other blocks "
+                   "make up the difference; repeatable")
+    run_opts = p.add_argument_group("running (not part of the recipe)")
+    run_opts.add_argument("--salience-cache", metavar="FILE", default=None,
+                          help="reuse the Fisher salience stored in FILE if it exists (it must "
+                          "match the model and calibration), else compute and store it there: "
+                          "quantizing to several bit-widths then pays for salience once")
+    run_opts.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                          help="device for calibration, salience and awq/gptq (default "
+                          "%(default)s)")
+    run_opts.add_argument("--low-memory", action="store_true",
+                          help="never load the whole model: read one decoder layer at a time "
+                          "from the safetensors files (salience and quantization layer by "
+                          "layer; needs --calib, as data-free sampling runs the whole model)")
+    run_opts.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                          help="largest weights file, e.g. 5GB, 500MB, 2GiB (default "
+                          "%(default)s); larger checkpoints get shards and an index")
+    run_opts.add_argument("--resume", action="store_true", help="continue the interrupted run "
+                          "of --out (same model, recipe and shard size) to the same bytes")
+    run_opts.add_argument("--card-metric", action="append", metavar="NAME=VALUE",
+                          help="a measured number for the model card (OUT/README.md), e.g. "
+                          "'wikitext-2 ppl=14.2'; repeatable")
     p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 
-def _check_paths(model_dir: Path, out: Path, overwrite: bool) -> None:
-    """Fail before minutes of work, not after (once an interrupted earlier write of `out` is
-    finished or cleaned up, so that `out` is what that run left)."""
-    from sfmp_serve.atomic_dir import recover
+def _pairs(values: list[str] | None, flag: str, what: str) -> list[tuple[str, str]]:
+    """'KEY=VALUE' flags as pairs, split at the last '=' (a regex may contain one)."""
+    out = []
+    for value in values or []:
+        key, eq, rest = value.rpartition("=")
+        if not eq or not key:
+            raise SFMPError(f"{flag} {value!r}: expected {what}")
+        out.append((key, rest))
+    return out
 
+
+def _regex(flag: str, pattern: str) -> str:
     try:
-        recover(out)
-    except OSError as e:
-        raise SFMPError(f"{out}: cannot clean up after an interrupted run ({e})") from e
-    if out.exists() and not overwrite:
-        raise SFMPError(f"{out}: output directory exists (pass --overwrite to replace it)")
-    if out.resolve() == model_dir.resolve():
-        raise SFMPError(f"--out {out}: must differ from MODEL_DIR")
+        re.compile(pattern)
+    except re.error as e:
+        raise SFMPError(f"{flag} {pattern!r}: not a regular expression ({e})") from e
+    return pattern
 
 
-def _print_summary(result, out: Path) -> None:
-    cfg = result.config
-    print(f"wrote {out}: {len(cfg.quantized_modules)} linears, avg {cfg.avg_bits:.4f} bits "
-          f"(target {cfg.target_bits:.4f}), {cfg.bits_per_weight:.4f} bits/weight stored, "
-          f"bit choices {list(cfg.bit_choices)}")
-    total = sum(result.stage_seconds.values())
+def _yaml_value(text: str):
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def build_recipe(args: argparse.Namespace):
+    """The recipe the flags describe: --recipe's (or the defaults), each flag given
+    replacing its value."""
+    import dataclasses
+
+    from offline.allocation import parse_bit_choices
+    from sfmp_serve.recipe import Method, Overrides, Recipe
+
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    top: dict = {}
+    if args.bits is not None:
+        top.update(bits=args.bits, budget_gb=None)
+    if args.budget_gb is not None:
+        top.update(budget_gb=args.budget_gb, bits=None)
+    for key in ("levels", "uniform"):
+        if getattr(args, key) is not None:
+            top[key] = getattr(args, key)
+    if args.bit_choices is not None:
+        top["bit_choices"] = parse_bit_choices(args.bit_choices)
+    block = {k: v for k, v in (("group_size", args.group_size), ("rows", args.block_rows))
+             if v is not None}
+    calibration = {k: v for k, v in (("source", args.calib), ("nsamples", args.nsamples),
+                                     ("seqlen", args.seqlen), ("seed", args.seed))
+                   if v is not None}
+    method = recipe.method
+    if args.method is not None and args.method != method.name:
+        method = Method(args.method)  # the recipe's arguments belong to its own method
+    if args.method_arg:
+        method = Method(method.name, {**method.args, **{
+            k: _yaml_value(v) for k, v in _pairs(args.method_arg, "--method-arg",
+                                                 "KEY=VALUE")}})
+    pins = []
+    for pattern, bits in _pairs(args.pin, "--pin", "REGEX=BITS"):
+        if not bits.strip().isdigit():
+            raise SFMPError(f"--pin {pattern}={bits}: BITS must be an integer")
+        pins.append((_regex("--pin", pattern), int(bits)))
+    for pattern in args.ignore or []:
+        _regex("--ignore", pattern)
+    overrides = Overrides.from_dict({
+        "ignore": args.ignore if args.ignore is not None else list(recipe.overrides.ignore),
+        "pin": pins if args.pin is not None else list(recipe.overrides.pin)},
+        "command line")
+    return dataclasses.replace(
+        recipe, **top, method=method, overrides=overrides,
+        block=dataclasses.replace(recipe.block, **block),
+        calibration=dataclasses.replace(recipe.calibration, **calibration))
+
+
+def _metrics(values: list[str] | None) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, v in _pairs(values, "--card-metric", "NAME=VALUE")}
+
+
+def _print_summary(summary) -> None:
+    ignored = f" ({summary.ignored} left unquantized)" if summary.ignored else ""
+    target = "" if summary.target_bits is None else f" (target {summary.target_bits:.4f})"
+    files = "1 file" if summary.shards == 1 else f"{summary.shards} shards"
+    print(f"wrote {summary.path}: {summary.quantized} linears{ignored}, avg "
+          f"{summary.avg_bits:.4f} bits{target}, {summary.bits_per_weight:.4f} bits/weight "
+          f"stored, bit choices {list(summary.bit_choices)}, "
+          f"{summary.size_bytes / 1e6:.1f} MB in {files}")
+    if summary.resumed_layers:
+        print(f"resumed: {summary.resumed_layers} decoder layers came from the interrupted run")
+    total = sum(summary.stage_seconds.values())
     print("stage times:")
-    for stage, seconds in result.stage_seconds.items():
+    for stage, seconds in summary.stage_seconds.items():
         print(f"  {stage:<12} {seconds:8.2f} s")
     print(f"  {'total':<12} {total:8.2f} s")
 
 
 def run(args: argparse.Namespace) -> int:
-    from offline.allocation import parse_bit_choices
-    from offline.pipeline import QuantizeOptions, quantize_model, save_result
+    from sfmp_serve.api import quantize
 
-    model_dir, out = Path(args.model_dir), Path(args.out)
-    _check_paths(model_dir, out, args.overwrite)
-    options = QuantizeOptions(
-        bits=args.bits, budget_gb=args.budget_gb, levels=args.levels,
-        bit_choices=parse_bit_choices(args.bit_choices) if args.bit_choices else None,
-        group_size=args.group_size, block_rows=args.block_rows, method=args.method,
-        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        device=args.device, uniform=args.uniform,
-        salience_cache=args.salience_cache, low_memory=args.low_memory)
-    result = quantize_model(model_dir, options)
-    save_result(result, model_dir, out, overwrite=args.overwrite)
-    _print_summary(result, out)
+    summary = quantize(Path(args.model_dir), build_recipe(args), out=Path(args.out),
+                       overwrite=args.overwrite, resume=args.resume,
+                       low_memory=args.low_memory, device=args.device,
+                       salience_cache=args.salience_cache,
+                       max_shard_size=args.max_shard_size, metrics=_metrics(args.card_metric))
+    _print_summary(summary)
     return 0
