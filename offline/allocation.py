@@ -243,25 +243,14 @@ def allocate_with_pins(importance: Mapping[str, torch.Tensor],
     average over all of them to `target`. `choices_for(free_target)` gives the free widths;
     a free target outside `bounds` (the lowest and highest they may take) is an SFMPError.
     The recorded choices include the pins'."""
-    pinned_weights = sum(int(sizes[n].sum()) for n in pinned)
+    free_weights = sum(int(sizes[n].sum()) for n in sizes if n not in pinned)
     pinned_bits = sum(b * int(sizes[n].sum()) for n, b in pinned.items())
-    free_weights = sum(int(sizes[n].sum()) for n in importance)
-    total = pinned_weights + free_weights
+    total = free_weights + sum(int(sizes[n].sum()) for n in pinned)
     fixed = {n: torch.full(sizes[n].shape, b, dtype=torch.uint8) for n, b in pinned.items()}
-    if not free_weights:
-        avg = pinned_bits / total
-        if abs(avg - target) > AVG_TOLERANCE:
-            raise SFMPError(f"--pin: every quantized linear is pinned, at {avg:.4f} bits on "
-                            f"average, not the target {target:g}")
-        return Allocation(fixed, avg, target, tuple(sorted(set(pinned.values()))))
-    free_target = (target * total - pinned_bits) / free_weights
-    if not bounds[0] - 1e-9 <= free_target <= bounds[1] + 1e-9:
-        raise SFMPError(
-            f"--pin makes the target {target:g} bits unreachable: the pinned linears hold "
-            f"{pinned_weights / total:.1%} of the quantized weights at "
-            f"{pinned_bits / pinned_weights:.3g} bits, so the others would need "
-            f"{free_target:.4f} bits on average, outside [{bounds[0]:g}, {bounds[1]:g}]")
-    free_target = min(max(free_target, bounds[0]), bounds[1])
+    free_target = pinned_free_target(sizes, pinned, target, bounds)
+    if free_target is None:
+        return Allocation(fixed, pinned_bits / total, target,
+                          tuple(sorted(set(pinned.values()))))
     choices = tuple(choices_for(free_target))
     free = allocate(importance, sizes, free_target, choices, warn=False)
     avg = (free.avg_bits * free_weights + pinned_bits) / total
@@ -270,6 +259,32 @@ def allocate_with_pins(importance: Mapping[str, torch.Tensor],
                     "the free blocks are too coarse", avg, target)
     return Allocation({**free.block_bits, **fixed}, avg, target,
                       tuple(sorted(set(choices) | set(pinned.values()))))
+
+
+def pinned_free_target(sizes: Mapping[str, torch.Tensor], pinned: Mapping[str, int],
+                       target: float, bounds: tuple[float, float]) -> float | None:
+    """The average the free linears (those of `sizes` not in `pinned`) need for the overall
+    average to be `target`; None if every linear is pinned. SFMPError, in one line, when it is
+    outside `bounds` (the lowest and highest widths they may take): pure arithmetic on the
+    sizes, so a run checks it before its salience pass."""
+    pinned_weights = sum(int(sizes[n].sum()) for n in pinned)
+    pinned_bits = sum(b * int(sizes[n].sum()) for n, b in pinned.items())
+    free_weights = sum(int(s.sum()) for n, s in sizes.items() if n not in pinned)
+    total = pinned_weights + free_weights
+    if not free_weights:
+        if abs(pinned_bits / total - target) > AVG_TOLERANCE:
+            raise SFMPError(f"--pin: every quantized linear is pinned, at "
+                            f"{pinned_bits / total:.4f} bits on average, not the target "
+                            f"{target:g}")
+        return None
+    free_target = (target * total - pinned_bits) / free_weights
+    if not bounds[0] - 1e-9 <= free_target <= bounds[1] + 1e-9:
+        raise SFMPError(
+            f"--pin makes the target {target:g} bits unreachable: the pinned linears hold "
+            f"{pinned_weights / total:.1%} of the quantized weights at "
+            f"{pinned_bits / pinned_weights:.3g} bits, so the others would need "
+            f"{free_target:.4f} bits on average, outside [{bounds[0]:g}, {bounds[1]:g}]")
+    return min(max(free_target, bounds[0]), bounds[1])
 
 
 def pinned_range(sizes: Mapping[str, torch.Tensor], pinned: Mapping[str, int],

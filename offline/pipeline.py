@@ -180,6 +180,20 @@ def check_budget_reachable(geos: dict[str, LayerGeometry], extra_bytes: int,
         raise SFMPError(alloc.budget_too_small(options.budget_gb, lowest, smallest))
 
 
+def pin_bounds(options: QuantizeOptions) -> tuple[int, int]:
+    """The lowest and highest average the blocks that are not pinned may take."""
+    choices = options.bit_choices
+    return (choices[0], choices[-1]) if choices else (1, MAX_BITS)
+
+
+def check_pins_reachable(geos: dict[str, LayerGeometry], options: QuantizeOptions,
+                         pinned: Mapping[str, int]) -> None:
+    """Before minutes of calibration: can the free blocks make up for the pinned ones?"""
+    if pinned and options.bits is not None:
+        alloc.pinned_free_target({n: alloc.block_sizes(g) for n, g in geos.items()}, pinned,
+                                 options.bits, pin_bounds(options))
+
+
 def allocate_bits(importance: dict[str, torch.Tensor], geos: dict[str, LayerGeometry],
                   extra_bytes: int, act_dtype: torch.dtype, options: QuantizeOptions,
                   pinned: Mapping[str, int]) -> alloc.Allocation:
@@ -197,9 +211,8 @@ def allocate_bits(importance: dict[str, torch.Tensor], geos: dict[str, LayerGeom
             return alloc.allocate(importance, sizes, math.floor(target), (math.floor(target),))
         if not pinned:
             return alloc.allocate(importance, sizes, target, choices_for(target), warn=warn)
-        choices = options.bit_choices
-        bounds = (choices[0], choices[-1]) if choices else (1, MAX_BITS)
-        return alloc.allocate_with_pins(free, sizes, pinned, target, choices_for, bounds, warn)
+        return alloc.allocate_with_pins(free, sizes, pinned, target, choices_for,
+                                        pin_bounds(options), warn)
 
     if options.bits is not None:
         return at(options.bits)
@@ -327,6 +340,7 @@ def plan_quantization(loaded: LoadedModel, options: QuantizeOptions, timer: Stag
     geos = geometries(loaded, options, selection.quantized)
     extra_bytes = unquantized_nbytes(loaded, selection.quantized)
     check_budget_reachable(geos, extra_bytes, loaded.act_dtype, options, selection.pinned)
+    check_pins_reachable(geos, options, selection.pinned)
     tokens, orders, importance = _salience_stages(loaded, options, timer, geos)
     with timer("allocation"):
         allocation = allocate_bits(importance, geos, extra_bytes, loaded.act_dtype, options,

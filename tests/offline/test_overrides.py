@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from offline import allocation as alloc
+from offline import pipeline
 from sfmp_serve.cli.main import main
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry, load_checkpoint
@@ -87,7 +88,12 @@ def test_ignored_linears_load_and_run_in_transformers(tmp_path, tiny_llama):
     (["--pin", "down=9"], r"--pin down=9: bits must be in 1..8"),
     (["--pin", "down"], "--pin 'down': expected REGEX=BITS"),
 ])
-def test_override_mistakes_are_one_line(tmp_path, capsys, tiny_llama, flags, match):
+def test_override_mistakes_are_one_line(tmp_path, capsys, monkeypatch, tiny_llama, flags,
+                                        match):
+    def expensive(*args, **kwargs):
+        raise AssertionError("calibration ran")
+
+    monkeypatch.setattr(pipeline, "calibration_tokens", expensive)  # all refused before it
     rc = main(["quantize", str(tiny_llama), "--bits", "3", *flags, *FAST,
                "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err.strip().splitlines()
