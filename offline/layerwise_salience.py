@@ -10,13 +10,14 @@ whole model. Done layer by layer it is gradient checkpointing at layer boundarie
    gradient down. Each sequence is its own backward pass, so squares are per sample.
 Only one layer's weights are materialised at a time (with a SafetensorsSource each layer is read
 twice: once going up, once coming down); memory is one layer plus (layers + 1) x tokens x hidden
-activations in float32.
+activations in float32, plus the Fisher of every layer unless the caller reduces each layer's
+as it completes (`on_layer`: the pipeline keeps only orders and block importance).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -67,12 +68,16 @@ def head_gradients(model: nn.Module, layers_path: str, input_ids: torch.Tensor,
 
 
 def layerwise_fisher(model: nn.Module, targets: TargetSet, input_ids: torch.Tensor,
-                     device: str = "cpu",
-                     source: SafetensorsSource | None = None) -> dict[str, torch.Tensor]:
+                     device: str = "cpu", source: SafetensorsSource | None = None,
+                     on_layer: Callable[[dict[str, torch.Tensor]], None] | None = None,
+                     ) -> dict[str, torch.Tensor]:
     """Fisher diagonal (float32 CPU [out, in]) of every target's weight (full names).
 
     Everything outside the decoder layers must be materialised on `device` in float32; the
-    layers may be on meta when `source` is given.
+    layers may be on meta when `source` is given. on_layer: called with each layer's Fisher as
+    soon as it is complete (top layer first), which is then not kept: what the caller derives
+    from it (orders, block importance) is all that stays, so memory does not grow with the
+    layers done (the returned dict is then empty).
     """
     dev = resolve_device(device)
     spec = targets.spec
@@ -93,11 +98,17 @@ def layerwise_fisher(model: nn.Module, targets: TargetSet, input_ids: torch.Tens
                            for t in group}
                 grads = _layer_backward(layer, weights, caught.at(i, boundary.pop()), grads,
                                         fisher)
+            _check_finite({n: fisher[n] for n in weights})
+            if on_layer is not None:
+                on_layer({n: fisher.pop(n) for n in weights})
+    return fisher
+
+
+def _check_finite(fisher: dict[str, torch.Tensor]) -> None:
     for name, f in fisher.items():
         if not torch.isfinite(f).all():
             raise SFMPError(f"salience of {name} contains NaN or Inf (the loss or its "
                             "gradient overflowed on the calibration data)")
-    return fisher
 
 
 def _layer_backward(layer: nn.Module, weights: dict[str, torch.Tensor], inputs: _Batches,

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -280,13 +280,15 @@ def _method_tokens(loaded: LoadedModel, options: QuantizeOptions, timer: StageTi
         return _calibration(loaded, options, timer, device)
 
 
-def salience_of(loaded: LoadedModel, tokens: torch.Tensor,
-                device: torch.device) -> dict[str, torch.Tensor]:
+def salience_of(loaded: LoadedModel, tokens: torch.Tensor, device: torch.device,
+                on_layer: Callable[[dict[str, torch.Tensor]], None] | None = None,
+                ) -> dict[str, torch.Tensor]:
     """Fisher diagonal of every decoder linear: whole-model backward, or layer by layer when the
-    layers are streamed (the same numbers up to floating-point summation order)."""
+    layers are streamed (the same numbers up to floating-point summation order; `on_layer`
+    then receives each layer's instead, offline.layerwise_salience)."""
     if loaded.streamed:
         return layerwise_fisher(loaded.model, loaded.targets, tokens, str(device),
-                                loaded.source)
+                                loaded.source, on_layer)
     return fisher_diagonal(loaded.model, loaded.targets, tokens, device)
 
 
@@ -304,24 +306,40 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
     cache_key = {"model": str(Path(loaded.path).resolve()),
                  **CalibrationSpec(options.calib, options.nsamples, options.seqlen,
                                    options.seed).describe()}
+    orders: dict[str, Order] = {}
+    importance: dict[str, torch.Tensor] = {}
+
+    def reorder(salience: dict[str, torch.Tensor]) -> None:
+        """Orders and block importance of some layers' linears (their Fisher then goes)."""
+        salience = {n: s for n, s in salience.items() if n in geos}
+        found = salience_orders(salience, loaded.input_groups)
+        orders.update(found)
+        importance.update({n: alloc.block_sums(found[n].apply(s), geos[n])
+                           for n, s in salience.items()})
+
     if cache is not None and cache.exists():
         with timer("salience"):
             salience = load_salience(cache, cache_key, loaded.targets)
+        with timer("reorder"):
+            reorder(salience)
         # A calibrated method still needs the tokens, which are cheap next to the salience.
         tokens = _method_tokens(loaded, options, timer, device)
     else:
         with loaded.on_device(device):
             tokens = _calibration(loaded, options, timer, device)
             with timer("salience"):
-                salience = salience_of(loaded, tokens, device)
+                # Streamed without a cache to fill, each layer's Fisher is reduced as it
+                # completes: memory stays one layer's, not 4 bytes per weight of the model.
+                per_layer = reorder if loaded.streamed and cache is None else None
+                salience = salience_of(loaded, tokens, device, per_layer)
         if cache is not None:
             save_salience(cache, salience, cache_key)
-    with timer("reorder"):
-        salience = {n: salience[n] for n in geos}
-        orders = salience_orders(salience, loaded.input_groups)
-        importance = {n: alloc.block_sums(orders[n].apply(s), geos[n])
-                      for n, s in salience.items()}
+        if per_layer is None:
+            with timer("reorder"):
+                reorder(salience)
     del salience
+    orders = {n: orders[n] for n in geos}  # model order, whatever order layers completed in
+    importance = {n: importance[n] for n in geos}
     if not needs_calibration(options.method):
         tokens = None  # RTN reads no inputs: nothing for a resumed run to keep
     return tokens, orders, importance

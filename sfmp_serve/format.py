@@ -1,8 +1,11 @@
 """The SFMP checkpoint format, version 2: the one module that reads, writes and validates it.
 
 docs/format.md is the specification in prose; this module is the same specification in code.
-Offline code writes checkpoints only through `write_checkpoint`; serving code reads them only
-through `load_checkpoint` / `PackedLinear.from_tensors`, and every tensor is validated here.
+Offline code writes a checkpoint held in memory through `write_checkpoint`, and one written
+layer by layer (offline/writer.py) through the same pieces: `checkpoint_config`,
+`write_config`, the weights files of sfmp_serve/weights_file.py and the shards of
+sfmp_serve/shards.py. Serving code reads them only through `load_checkpoint` /
+`PackedLinear.from_tensors`, and every tensor is validated here.
 Version 2 adds a checksum of every tensor (sfmp_serve/weights_file.py); version 1 checkpoints
 are still read, with a warning that corruption cannot be detected in them.
 """

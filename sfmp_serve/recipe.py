@@ -241,7 +241,11 @@ class Recipe:
             line = f" at line {mark.line + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or type(e).__name__
             raise SFMPError(f"{path}: not valid YAML{line} ({problem})") from e
-        return cls.from_dict(data if data is not None else {}, str(path))
+        recipe = cls.from_dict(data if data is not None else {}, str(path))
+        from offline.quantizers.base import method_config  # needs torch: not at import
+
+        method_config(recipe.method.name, recipe.method.args, str(path))  # names the file
+        return recipe
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data in the documented layout (the inverse of from_dict)."""

@@ -1,8 +1,10 @@
 """The quantizer interface every method implements, and the registry that finds them.
 
 A method is one module in this package defining a `Quantizer` subclass decorated with
-`@register`: a unique `name`, a frozen dataclass `Config` of its arguments (recorded in the
-checkpoint as method_args), `needs_inputs` if it reads calibration inputs, and:
+`@register`: a unique `name`, a frozen dataclass `Config` of its arguments (the recipe's
+`method.args`, set with `--method-arg KEY=VALUE`, recorded in the checkpoint as method_args;
+each field typed by its default, ranges checked in `__post_init__` with SFMPError),
+`needs_inputs` if it reads calibration inputs, and:
 - `prepare_layer` (optional): sees a full-precision decoder layer and the inputs of its targets
   before anything in it is quantized, and may rewrite it exactly (AWQ's scale folding);
 - `quantize`: one target's weight in its *reordered* order (rows by descending salience,

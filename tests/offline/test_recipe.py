@@ -52,7 +52,7 @@ def test_round_trip_keeps_every_field(tmp_path):
     ("bitz: 3\n", r"r.yaml: bitz: unknown key \(known: version, bits,"),
     ("bits: 3\ncalibration: {nsample: 4}\n", "calibration.nsample: unknown key"),
     ("bits: 3\nmethod: {name: gptq, args: {percdampp: 0.1}}\n",
-     r"method.args.percdampp: unknown argument of method gptq \(it takes: percdamp,"),
+     r"r.yaml: method.args.percdampp: unknown argument of method gptq \(it takes: percdamp,"),
     ("bits: three\n", "bits: expected a number or null, got 'three'"),
     ("bits: 3\nuniform: 1\n", "uniform: expected true or false"),
     ("bits: 3\nmethod: {name: gptq, args: {blocksize: 1.5}}\n",
