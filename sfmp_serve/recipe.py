@@ -31,9 +31,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from sfmp_serve.errors import SFMPError
+
+if TYPE_CHECKING:  # the pipeline imports torch; this module stays light
+    from offline.pipeline import QuantizeOptions
 
 RECIPE_VERSION = 1
 RECIPE_FILE = "recipe.yaml"  # the name a checkpoint stores its recipe under
@@ -301,7 +304,7 @@ class Recipe:
                             "every block; drop --uniform to pin some linears")
 
     def options(self, device: str = "cpu", low_memory: bool = False,
-                salience_cache: str | None = None):
+                salience_cache: str | None = None) -> "QuantizeOptions":
         """The pipeline's QuantizeOptions for this recipe and how to run it."""
         from offline.pipeline import QuantizeOptions
 
@@ -316,7 +319,7 @@ class Recipe:
             ignore=self.overrides.ignore, pins=self.overrides.pin)
 
     @classmethod
-    def from_options(cls, options: Any) -> "Recipe":
+    def from_options(cls, options: "QuantizeOptions") -> "Recipe":
         """The recipe of a pipeline QuantizeOptions (the inverse of `options`)."""
         return cls(bits=options.bits, budget_gb=options.budget_gb, levels=options.levels,
                    bit_choices=options.bit_choices, uniform=options.uniform,

@@ -272,10 +272,15 @@ def copy_weights(file: str | os.PathLike, refs: Sequence[TensorRef],
     """One safetensors file of the tensors `refs` point at, copied `chunk` bytes at a time
     (memory stays flat whatever the size); each tensor's bytes are hashed on the way and a
     mismatch with `digests` is a FormatError naming the source file."""
+    from tqdm.auto import tqdm
+
     by_name = {r.name: r for r in refs}
     shapes = {r.name: (r.dtype, r.shape, r.nbytes) for r in refs}
     order = _data_order((r.name, r.dtype) for r in refs)
     handles: dict[Path, object] = {}
+    total = sum(r.nbytes for r in refs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"write {Path(file).name}",
+               leave=False, disable=total < 1 << 28)  # a bar only where it takes seconds
     try:
         with _replacing(file, sync) as out:
             out.write(_header(shapes, _with_digests(metadata, digests), order))
@@ -291,9 +296,11 @@ def copy_weights(file: str | os.PathLike, refs: Sequence[TensorRef],
                     hasher.update(data)
                     out.write(data)
                     left -= len(data)
+                    bar.update(len(data))
                 if hasher.hexdigest() != digests.get(name):
                     raise FormatError(f"{ref.file}: tensor {name}: checksum mismatch (changed "
                                       "on disk since it was written)")
     finally:
+        bar.close()
         for h in handles.values():
             h.close()

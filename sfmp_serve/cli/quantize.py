@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sfmp_serve.errors import SFMPError
+
+if TYPE_CHECKING:  # `sfmp --help` stays light
+    from sfmp_serve.api import QuantizeSummary
+    from sfmp_serve.recipe import Recipe
 
 # Kept in sync with offline.pipeline (not imported here: `sfmp --help` must stay light).
 DEFAULT_NSAMPLES = 32
@@ -131,7 +136,7 @@ def _regex(flag: str, pattern: str) -> str:
     return pattern
 
 
-def _yaml_value(text: str):
+def _yaml_value(text: str) -> object:
     import yaml
     try:
         return yaml.safe_load(text)
@@ -139,7 +144,7 @@ def _yaml_value(text: str):
         return text
 
 
-def build_recipe(args: argparse.Namespace):
+def build_recipe(args: argparse.Namespace) -> "Recipe":
     """The recipe the flags describe: --recipe's (or the defaults), each flag given
     replacing its value."""
     import dataclasses
@@ -191,7 +196,7 @@ def _metrics(values: list[str] | None) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in _pairs(values, "--card-metric", "NAME=VALUE")}
 
 
-def _print_summary(summary) -> None:
+def _print_summary(summary: "QuantizeSummary") -> None:
     ignored = f" ({summary.ignored} left unquantized)" if summary.ignored else ""
     target = "" if summary.target_bits is None else f" (target {summary.target_bits:.4f})"
     files = "1 file" if summary.shards == 1 else f"{summary.shards} shards"
