@@ -26,7 +26,7 @@ from offline.targets import decoder_layers
 from sfmp_serve.bitplanes import bcq_scales, pack_linear
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import (ACT_DTYPES, WORD_BITS, BitStats, LayerGeometry, PackedLinear,
-                               SFMPConfig, all_finite, write_checkpoint)
+                               SFMPConfig, all_finite, perm_dtype, write_checkpoint)
 from sfmp_serve.shards import DEFAULT_MAX_SHARD_SIZE, split_units
 
 CARD_FILE = "README.md"
@@ -64,7 +64,9 @@ def packed_nbytes(geometry: LayerGeometry, block_bits: torch.Tensor,
     tables = geometry.n_block_rows * geometry.n_groups
     act_bytes = torch.empty(0, dtype=act_dtype).element_size()
     return (words * WORD_BITS // 8 + 2 * geometry.out_features * geometry.n_groups * act_bytes
-            + tables * (1 + 4) + 4 * (geometry.out_features + geometry.in_features))
+            + tables * (1 + 4)
+            + sum(n * torch.empty(0, dtype=perm_dtype(n)).element_size()
+                  for n in (geometry.out_features, geometry.in_features)))
 
 
 @dataclass

@@ -53,10 +53,10 @@ ALGORITHM_KEY = "sfmp_checksum"
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
 }
-DTYPE_SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1}
+DTYPE_SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _hasher(name: str, dtype: str, shape: Sequence[int]) -> "blake3.blake3":

@@ -1,4 +1,4 @@
-"""Format version 2 integrity: checksums of every tensor, version 1 still read, the bit
+"""Format integrity (versions 2 and 3): checksums of every tensor, version 1 still read, the bit
 statistics recomputed, NaN/Inf and JSON types refused, each error naming file, tensor or key."""
 
 import json
@@ -10,8 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sfmp_serve.errors import FormatError
-from sfmp_serve.format import WEIGHTS_FILE, load_checkpoint, write_checkpoint
-from sfmp_serve.weights_file import tensor_digest
+from sfmp_serve.format import (WEIGHTS_FILE, PackedLinear, load_checkpoint, perm_dtype,
+                               write_checkpoint)
+from sfmp_serve.weights_file import tensor_digest, write_weights
 from tests.corrupt import data_offset, edit_config, edit_header, flip_byte, resigned_copy
 from tests.offline.helpers import make_config, random_packed
 
@@ -32,7 +33,7 @@ def test_every_tensor_has_its_digest_in_the_header(ckpt):
     with safe_open(ckpt / WEIGHTS_FILE, framework="pt") as f:
         meta = f.metadata()
         digests = json.loads(meta["sfmp_checksums"])
-        assert meta["sfmp_checksum"] == "blake3" and meta["sfmp_format_version"] == "2"
+        assert meta["sfmp_checksum"] == "blake3" and meta["sfmp_format_version"] == "3"
         assert set(digests) == set(f.keys())
         for key in f.keys():
             assert digests[key] == tensor_digest(key, f.get_tensor(key))
@@ -96,9 +97,50 @@ def test_tensors_added_or_removed_after_export(ckpt, tmp_path):
         load_checkpoint(ckpt)
 
 
+def as_old_version(ckpt, version):
+    """Rewrite a current checkpoint as format `version` < 3 wrote it: int32 permutations and
+    the bits per weight they give."""
+    tensors = load_file(ckpt / WEIGHTS_FILE)
+    for key in (f"{NAME}.input_perm", f"{NAME}.output_perm"):
+        tensors[key] = tensors[key].to(torch.int32)
+    packed = PackedLinear.from_tensors(NAME, tensors)
+    return tensors, round(packed.stored_bits(version) / (37 * 45), 6)
+
+
+def test_version_3_stores_16_bit_permutations(ckpt):
+    tensors = load_file(ckpt / WEIGHTS_FILE)
+    assert tensors[f"{NAME}.input_perm"].dtype == torch.uint16
+    loaded = load_checkpoint(ckpt)
+    packed = loaded.packed(NAME)
+    assert packed.input_perm.dtype == packed.output_perm.dtype == torch.int32  # in memory
+    _, old_bpw = as_old_version(ckpt, 2)
+    # 16 bits saved per permutation entry, counted in the statistics
+    assert old_bpw - loaded.config.bits_per_weight == pytest.approx(16 * (37 + 45) / (37 * 45),
+                                                                     abs=2e-6)
+    assert perm_dtype(1 << 16) == torch.uint16 and perm_dtype((1 << 16) + 1) == torch.int32
+    assert perm_dtype(100, version=2) == torch.int32
+
+
+def test_version_2_int32_permutations_still_load(ckpt):
+    tensors, bpw = as_old_version(ckpt, 2)
+    with safe_open(ckpt / WEIGHTS_FILE, framework="pt") as f:
+        meta = f.metadata()
+    write_weights(ckpt / WEIGHTS_FILE, tensors, {**meta, "sfmp_format_version": "2"})
+    edit_config(ckpt, format_version=2, bits_per_weight=bpw)
+    loaded = load_checkpoint(ckpt)
+    assert loaded.config.format_version == 2
+    assert torch.equal(loaded.packed(NAME).input_perm, tensors[f"{NAME}.input_perm"])
+    # a version 3 file must hold the narrow type: a wide one is a writer's bug, named
+    edit_config(ckpt, format_version=3)
+    with pytest.raises(FormatError, match=rf"tensor {NAME}\.input_perm: dtype torch.int32, "
+                                          r"format version 3 stores it as torch.uint16"):
+        load_checkpoint(ckpt)
+
+
 def test_version_1_without_checksums_loads_with_a_warning(ckpt, caplog):
-    save_file(load_file(ckpt / WEIGHTS_FILE), ckpt / WEIGHTS_FILE, {"format": "pt"})
-    edit_config(ckpt, format_version=1)
+    tensors, bpw = as_old_version(ckpt, 1)
+    save_file(tensors, ckpt / WEIGHTS_FILE, {"format": "pt"})
+    edit_config(ckpt, format_version=1, bits_per_weight=bpw)
     with caplog.at_level(logging.WARNING, logger="sfmp_serve.format"):
         loaded = load_checkpoint(ckpt)
     assert loaded.config.format_version == 1

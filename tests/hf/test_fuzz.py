@@ -112,9 +112,14 @@ def _header_edits(rng: random.Random, head: dict) -> list:
     return [dtype, dtype, transpose, swap, rename, drop, strip_metadata, digest, algorithm]
 
 
-CONFIG_EDITS = [{"avg_bits": 2.0}, {"bits_per_weight": 9.5}, {"group_size": 64},
-                {"block_rows": 8}, {"bit_choices": [2, 3]}, {"quantized_modules": []},
-                {"act_dtype": "bfloat16"}, {"format_version": 1}]
+# (changes, of quantization_config or of the top level, whether every consumer must refuse)
+CONFIG_EDITS = [({"avg_bits": 2.0}, True, True), ({"bits_per_weight": 9.5}, True, True),
+                ({"group_size": 64}, True, True), ({"block_rows": 8}, True, True),
+                ({"bit_choices": [2, 3]}, True, True), ({"quantized_modules": []}, True, True),
+                ({"act_dtype": "bfloat16"}, True, True),
+                # a version 1 reader expects int32 permutations: the 16-bit ones are named
+                ({"format_version": 1}, True, True),
+                ({"_name_or_path": "elsewhere"}, False, False)]  # harmless: nothing reads it
 
 
 def mutations(ckpt, rng: random.Random) -> list[tuple[str, callable, bool]]:
@@ -139,10 +144,10 @@ def mutations(ckpt, rng: random.Random) -> list[tuple[str, callable, bool]]:
         out.append((f"flip byte {offset} ^ {mask:#04x}", flip, offset >= data_start))
     for edit in _header_edits(rng, header(weights)[0]):
         out.append((f"header: {edit.__name__}", lambda p, edit=edit: edit_header(p, edit), True))
-    for changes in CONFIG_EDITS:
+    for changes, quantization, must_refuse in CONFIG_EDITS:
         out.append((f"config: {changes}",
-                    lambda p, changes=changes: edit_config(p.parent, **changes),
-                    "format_version" not in changes))  # version 1 readers still check them
+                    lambda p, c=changes, q=quantization: edit_config(p.parent, q, **c),
+                    must_refuse))
     return out
 
 

@@ -22,8 +22,8 @@ def expected_numbers(model_dir, ckpt):
         cols = torch.tensor([min(32, p.in_features - c) for c in range(0, p.in_features, 32)])
         code_bits += int((p.block_bits.long() * rows[:, None] * cols[None, :]).sum())
         stored_bits += 8 * sum(t.numel() * t.element_size() for t in (
-            p.qweight, p.alpha, p.beta, p.block_bits, p.block_offsets, p.input_perm,
-            p.output_perm))
+            p.qweight, p.alpha, p.beta, p.block_bits, p.block_offsets))
+        stored_bits += 16 * (p.out_features + p.in_features)  # uint16 permutations (v3)
         n += p.out_features * p.in_features
     return original, n, code_bits / n, stored_bits / n
 
