@@ -3,6 +3,15 @@
 All blocks of all linears are ranked together by importance (salience summed over the block).
 The most important get the highest bit-width. Fractions count weights, not blocks: ragged edge
 blocks are smaller, and the achieved average is the block-size-weighted mean.
+
+Two policies give the importance:
+- salience (METHOD.md): the block's summed Fisher diagonal;
+- perturbation (FGMP): the block's Fisher-weighted squared rounding error at each width
+  (`BlockErrors`). Blocks then take the widths that minimise the total error at the target
+  average: every block starts at the lowest width, its upgrades along the lower convex hull of
+  (bits, error) are ranked globally by error removed per added bit, and the prefix closest to
+  the target is taken. One ranking, a threshold, no search; with errors proportional to
+  importance / (2^b - 1)^2 it is the salience policy's three-level objective.
 - one choice: every block gets it;
 - two choices lo < hi: the top blocks get hi, as many as brings the average closest to target;
 - three choices b1 < b2 < b3: one free fraction (that of b3) once the two constraints are
@@ -28,6 +37,29 @@ log = logging.getLogger(__name__)
 AVG_TOLERANCE = 0.01  # achieved average bits must be this close to the target
 _PICK_TOLERANCE = 0.005  # three levels: sweep points this close compete on cost alone
 DEFAULT_MIN_BITS = 2  # lowest bit-width a budget search may reach without --bit-choices
+
+
+@dataclass(frozen=True)
+class BlockErrors:
+    """Perturbation policy: sum F (w - q_b(w))^2 of every block of one linear at each width."""
+
+    widths: tuple[int, ...]
+    errors: torch.Tensor  # float64 [len(widths), n_block_rows, n_groups]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.errors.shape[1:]
+
+    def numel(self) -> int:
+        return self.errors[0].numel()
+
+    def at(self, choices: Sequence[int]) -> torch.Tensor:
+        """[len(choices), n_blocks] errors at `choices`."""
+        missing = [b for b in choices if b not in self.widths]
+        if missing:
+            raise SFMPError(f"perturbation policy: no errors measured at {missing} bits "
+                            f"(measured: {list(self.widths)})")
+        return self.errors[[self.widths.index(b) for b in choices]].flatten(1)
 
 
 @dataclass
@@ -162,27 +194,78 @@ def _three_level(imp: torch.Tensor, cum: torch.Tensor, total: int,
     return bits
 
 
-def allocate(importance: Mapping[str, torch.Tensor], sizes: Mapping[str, torch.Tensor],
-             target: float, choices: Sequence[int], warn: bool = True) -> Allocation:
-    """Bits for every block of every linear from one global importance ranking."""
+def _by_error(errors: torch.Tensor, size: torch.Tensor, target: float,
+              choices: tuple[int, ...]) -> torch.Tensor:
+    """Perturbation policy: per block, its bits. errors [C, B] (float64, at `choices`), size [B].
+
+    Each block's upgrades follow the lower convex hull of its (bits, error) points, so their
+    slopes (error removed per added bit and weight) decrease and a global ranking of all
+    upgrades takes them in a valid order; the prefix whose average is closest to the target
+    is kept."""
+    n_choices, n_blocks = errors.shape
+    width = torch.tensor(choices, dtype=torch.float64)
+    weights = size.to(torch.float64)
+    steps = []  # (slope, block, level reached, added bits x weights) of every upgrade
+    blocks = torch.arange(n_blocks)
+    if n_choices == 2:
+        steps.append(((errors[0] - errors[1]) / ((width[1] - width[0]) * weights), blocks,
+                      torch.ones(n_blocks, dtype=torch.int64), (width[1] - width[0]) * weights))
+    elif n_choices == 3:
+        s01 = (errors[0] - errors[1]) / ((width[1] - width[0]) * weights)
+        s12 = (errors[1] - errors[2]) / ((width[2] - width[1]) * weights)
+        s02 = (errors[0] - errors[2]) / ((width[2] - width[0]) * weights)
+        hull = s12 <= s01  # the middle width lies on the hull: two upgrades, else one jump
+        ones, twos = torch.ones(n_blocks, dtype=torch.int64), torch.full((n_blocks,), 2)
+        steps.append((torch.where(hull, s01, s02)[None], blocks[None],
+                      torch.where(hull, ones, twos)[None],
+                      torch.where(hull, (width[1] - width[0]) * weights,
+                                  (width[2] - width[0]) * weights)[None]))
+        steps.append((s12[hull][None], blocks[hull][None], twos[hull][None],
+                      ((width[2] - width[1]) * weights)[hull][None]))
+        steps = [tuple(t.flatten() for t in step) for step in steps]
+    elif n_choices != 1:
+        raise SFMPError(f"--bit-choices: {n_choices} choices, at most 3 are supported")
+    level = torch.zeros(n_blocks, dtype=torch.int64)
+    if steps:
+        slope, block, reach, cost = (torch.cat(parts) for parts in zip(*steps))
+        # Stable, first upgrades listed first: equal slopes keep a valid order.
+        order = torch.sort(slope, descending=True, stable=True).indices
+        total = float(weights.sum())
+        avg = (width[0] * total + torch.cat([torch.zeros(1, dtype=torch.float64),
+                                              cost[order].cumsum(0)])) / total
+        k = int(torch.argmin((avg - target).abs()))
+        taken = order[:k]
+        level.scatter_reduce_(0, block[taken], reach[taken], reduce="amax")
+    return torch.tensor(choices, dtype=torch.uint8)[level]
+
+
+def allocate(importance: Mapping[str, torch.Tensor | BlockErrors],
+             sizes: Mapping[str, torch.Tensor], target: float, choices: Sequence[int],
+             warn: bool = True) -> Allocation:
+    """Bits for every block of every linear from one global ranking: of the blocks' importance
+    (salience policy), or of their error reductions (perturbation policy, BlockErrors)."""
     choices = tuple(choices)
     names = list(importance)
-    imp = torch.cat([importance[n].flatten().to(torch.float64) for n in names])
     size = torch.cat([sizes[n].flatten().to(torch.int64) for n in names])
     total = int(size.sum())
-    # Stable: equal importance keeps model order, so the result is deterministic.
-    order = torch.sort(imp, descending=True, stable=True).indices
-    cum = torch.cat([torch.zeros(1, dtype=torch.int64), size[order].cumsum(0)])
-    if len(choices) == 1:
-        ranked = torch.full((imp.numel(),), choices[0], dtype=torch.uint8)
-    elif len(choices) == 2:
-        ranked = _two_level(cum, total, choices[0], choices[1], target)
-    elif len(choices) == 3:
-        ranked = _three_level(imp[order], cum, total, choices, target)
+    if names and isinstance(importance[names[0]], BlockErrors):
+        errors = torch.cat([importance[n].at(choices) for n in names], 1)
+        flat = _by_error(errors, size, target, choices)
     else:
-        raise SFMPError(f"--bit-choices: {len(choices)} choices, at most 3 are supported")
-    flat = torch.empty_like(ranked)
-    flat[order] = ranked
+        imp = torch.cat([importance[n].flatten().to(torch.float64) for n in names])
+        # Stable: equal importance keeps model order, so the result is deterministic.
+        order = torch.sort(imp, descending=True, stable=True).indices
+        cum = torch.cat([torch.zeros(1, dtype=torch.int64), size[order].cumsum(0)])
+        if len(choices) == 1:
+            ranked = torch.full((imp.numel(),), choices[0], dtype=torch.uint8)
+        elif len(choices) == 2:
+            ranked = _two_level(cum, total, choices[0], choices[1], target)
+        elif len(choices) == 3:
+            ranked = _three_level(imp[order], cum, total, choices, target)
+        else:
+            raise SFMPError(f"--bit-choices: {len(choices)} choices, at most 3 are supported")
+        flat = torch.empty_like(ranked)
+        flat[order] = ranked
     avg = float((flat.to(torch.int64) * size).sum()) / total
     if warn and abs(avg - target) > AVG_TOLERANCE:
         log.warning("achieved average %.4f bits for target %.4f: the blocks are too coarse "

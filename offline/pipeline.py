@@ -33,6 +33,7 @@ from offline.export import (Unit, act_dtype_name, layer_unit, outside_unit, pack
 from offline.layerwise_salience import layerwise_fisher
 from offline.model_io import LoadedModel, load_model, load_streamed, load_tokenizer
 from offline.overrides import Selection, select
+from offline.perturbation import block_errors
 from offline.quantizers.base import Quantizer, make_quantizer, methods
 from offline.reorder import Order, identity_order, salience_orders
 from offline.salience import fisher_diagonal, load_salience, resolve_device, save_salience
@@ -40,6 +41,7 @@ from offline.sequential import make_plans, quantize_layers
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import (MAX_BITS, BitStats, LayerGeometry, PackedLinear, SFMPConfig,
                                checkpoint_config)
+from sfmp_serve.recipe import DEFAULT_METHOD
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ DEFAULT_NSAMPLES = 32
 DEFAULT_SEQLEN = 256
 STAGES = ("load", "calibration", "salience", "reorder", "allocation", "quantize", "pack",
           "export")
+POLICIES = ("salience", "perturbation")
 
 
 @dataclass
@@ -61,7 +64,7 @@ class QuantizeOptions:
     bit_choices: tuple[int, ...] | None = None
     group_size: int = 128
     block_rows: int = 512
-    method: str = "rtn"
+    method: str = DEFAULT_METHOD
     calib: str | None = None  # None: data-free (sampled from the model)
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = DEFAULT_SEQLEN
@@ -76,6 +79,7 @@ class QuantizeOptions:
     method_args: Mapping[str, Any] = field(default_factory=dict)  # fields of the method Config
     ignore: tuple[str, ...] = ()  # regexes of linears left unquantized
     pins: tuple[tuple[str, int], ...] = ()  # (regex, bits) of linears at a fixed width
+    policy: str = "salience"  # block importance: summed Fisher, or Fisher-weighted errors
 
     def validate(self) -> None:
         """Every check that needs no model, so bad flags fail before minutes of work."""
@@ -84,6 +88,8 @@ class QuantizeOptions:
         if self.budget_gb is not None and not self.budget_gb > 0:
             raise SFMPError(f"--budget-gb={self.budget_gb}: must be positive")
         alloc.check_block_shape(self.group_size, self.block_rows)
+        if self.policy not in POLICIES:
+            raise SFMPError(f"--policy={self.policy!r}: expected one of {', '.join(POLICIES)}")
         make_quantizer(self.method, self.method_args)  # names the methods / arguments
         resolve_device(self.device)
         if self.uniform:
@@ -111,6 +117,9 @@ class Plan:
     allocation: alloc.Allocation
     tokens: torch.Tensor | None  # calibration tokens for a calibrated method
     config: SFMPConfig  # the checkpoint's config, bit statistics not yet known
+    # Reordered Fisher diagonal (bfloat16) of every quantized target, for a method that weighs
+    # its rounding errors by it (clip=fisher); None otherwise.
+    fisher: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -194,7 +203,8 @@ def check_pins_reachable(geos: dict[str, LayerGeometry], options: QuantizeOption
                                  options.bits, pin_bounds(options))
 
 
-def allocate_bits(importance: dict[str, torch.Tensor], geos: dict[str, LayerGeometry],
+def allocate_bits(importance: dict[str, torch.Tensor | alloc.BlockErrors],
+                  geos: dict[str, LayerGeometry],
                   extra_bytes: int, act_dtype: torch.dtype, options: QuantizeOptions,
                   pinned: Mapping[str, int]) -> alloc.Allocation:
     """Block bits from --bits, or the largest average that fits --budget-gb; pinned linears
@@ -239,7 +249,9 @@ def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: allo
                                    options.seed).describe())
     # How the bits were chosen travels with the method's own arguments (if it has any).
     method_args = {**quantizer.method_args, "levels": options.levels,
-                   "allocation": "uniform" if options.uniform else "fisher"}
+                   "allocation": ("uniform" if options.uniform else
+                                  "fisher" if options.policy == "salience" else
+                                  "fisher-perturbation")}
     if options.budget_gb is not None:
         method_args["budget_gb"] = options.budget_gb
     if options.ignore:
@@ -292,30 +304,61 @@ def salience_of(loaded: LoadedModel, tokens: torch.Tensor, device: torch.device,
     return fisher_diagonal(loaded.model, loaded.targets, tokens, device)
 
 
+def error_widths(options: QuantizeOptions) -> tuple[int, ...]:
+    """The widths the perturbation policy measures every block at: those the allocation may
+    choose from (with pins or a budget, the free target is not known yet: every width the
+    search may reach)."""
+    if options.bit_choices is not None:
+        return tuple(options.bit_choices)
+    if options.bits is not None and not options.pins:
+        return alloc.resolve_choices(options.bits, options.levels, None)
+    lowest, highest = budget_range(options) if options.budget_gb is not None else (1, MAX_BITS)
+    return tuple(range(max(1, math.floor(lowest)), min(MAX_BITS, math.ceil(highest)) + 1))
+
+
 def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: StageTimer,
-                     geos: dict[str, LayerGeometry],
-                     ) -> tuple[torch.Tensor | None, dict[str, Order], dict[str, torch.Tensor]]:
-    """calibration, salience, reorder -> (tokens, orders, reordered block importance) of the
-    linears in `geos` (ignored linears take no part in the orders)."""
+                     geos: dict[str, LayerGeometry], quantizer: Quantizer,
+                     ) -> tuple[torch.Tensor | None, dict[str, Order],
+                                dict[str, torch.Tensor | alloc.BlockErrors],
+                                dict[str, torch.Tensor] | None]:
+    """calibration, salience, reorder -> (tokens, orders, block importance, Fisher) of the
+    linears in `geos` (ignored linears take no part in the orders). Importance is the summed
+    Fisher of each block (salience policy) or its errors at each width (perturbation); the
+    reordered Fisher itself is kept (bfloat16) only for a method that clips by it."""
     device = resolve_device(options.device)
-    if options.uniform:  # baseline: nothing is ranked; only a calibrated method needs data
+    keep_fisher = quantizer.needs_fisher
+    if options.uniform and not keep_fisher:  # baseline: nothing ranked; only inputs needed
         orders = {n: identity_order(g.out_features, g.in_features) for n, g in geos.items()}
         return _method_tokens(loaded, options, timer, device), orders, {
-            n: torch.zeros(g.n_block_rows, g.n_groups) for n, g in geos.items()}
+            n: torch.zeros(g.n_block_rows, g.n_groups) for n, g in geos.items()}, None
     cache = Path(options.salience_cache) if options.salience_cache else None
     cache_key = {"model": str(Path(loaded.path).resolve()),
                  **CalibrationSpec(options.calib, options.nsamples, options.seqlen,
                                    options.seed).describe()}
     orders: dict[str, Order] = {}
-    importance: dict[str, torch.Tensor] = {}
+    importance: dict[str, torch.Tensor | alloc.BlockErrors] = {}
+    fisher: dict[str, torch.Tensor] | None = {} if keep_fisher else None
+    widths = error_widths(options) if options.policy == "perturbation" else ()
 
     def reorder(salience: dict[str, torch.Tensor]) -> None:
-        """Orders and block importance of some layers' linears (their Fisher then goes)."""
+        """Orders and block importance of some layers' linears (their Fisher then goes, but
+        for the bfloat16 copy a Fisher-clipping method reads)."""
         salience = {n: s for n, s in salience.items() if n in geos}
-        found = salience_orders(salience, loaded.input_groups)
+        found = ({n: identity_order(geos[n].out_features, geos[n].in_features)
+                  for n in salience} if options.uniform else
+                 salience_orders(salience, loaded.input_groups))
         orders.update(found)
-        importance.update({n: alloc.block_sums(found[n].apply(s), geos[n])
-                           for n, s in salience.items()})
+        for n, s in salience.items():
+            f = found[n].apply(s)
+            if fisher is not None:
+                fisher[n] = f.to(torch.bfloat16)
+            if options.uniform:
+                importance[n] = torch.zeros(geos[n].n_block_rows, geos[n].n_groups)
+            elif widths:
+                weight = found[n].apply(loaded.read(f"{n}.weight").to(torch.float32))
+                importance[n] = block_errors(weight, f, widths, geos[n], keep_fisher)
+            else:
+                importance[n] = alloc.block_sums(f, geos[n])
 
     if cache is not None and cache.exists():
         with timer("salience"):
@@ -342,7 +385,7 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
     importance = {n: importance[n] for n in geos}
     if not needs_calibration(options.method):
         tokens = None  # RTN reads no inputs: nothing for a resumed run to keep
-    return tokens, orders, importance
+    return tokens, orders, importance, fisher
 
 
 def load(model_dir: str | os.PathLike, options: QuantizeOptions,
@@ -359,14 +402,15 @@ def plan_quantization(loaded: LoadedModel, options: QuantizeOptions, timer: Stag
     extra_bytes = unquantized_nbytes(loaded, selection.quantized)
     check_budget_reachable(geos, extra_bytes, loaded.act_dtype, options, selection.pinned)
     check_pins_reachable(geos, options, selection.pinned)
-    tokens, orders, importance = _salience_stages(loaded, options, timer, geos)
+    tokens, orders, importance, fisher = _salience_stages(loaded, options, timer, geos,
+                                                          quantizer)
     with timer("allocation"):
         allocation = allocate_bits(importance, geos, extra_bytes, loaded.act_dtype, options,
                                    selection.pinned)
     log.info("allocation: target %.4f bits, achieved %.4f over choices %s",
              allocation.target_bits, allocation.avg_bits, allocation.bit_choices)
     config = build_config(loaded, options, allocation, selection, quantizer)
-    return Plan(selection, geos, orders, allocation, tokens, config)
+    return Plan(selection, geos, orders, allocation, tokens, config, fisher)
 
 
 def layer_units(loaded: LoadedModel, plan: Plan, quantizer: Quantizer,
@@ -375,6 +419,7 @@ def layer_units(loaded: LoadedModel, plan: Plan, quantizer: Quantizer,
     """Quantize and pack the decoder layers from `start` on, one Unit per layer as it is done
     (`hidden`: the calibration inputs of layer `start`, from a resumed run)."""
     plans = make_plans(plan.orders, plan.allocation.block_bits, plan.geos)
+    quantizer.fisher = plan.fisher
     layers = quantize_layers(loaded.model, loaded.targets, plans, quantizer, plan.tokens,
                              options.device, source=loaded.source, start=start, hidden=hidden)
     while True:

@@ -65,6 +65,7 @@ PLAN = "plan.safetensors"
 MANIFEST_VERSION = 1
 CRASH_ENV = "SFMP_CRASH_AT"
 _TOKENS = "__calibration_tokens__"
+_FISHER = "fisher"  # <target>.fisher: its reordered Fisher diagonal, for clip=fisher
 
 
 def _crash_point(event: str, n: int) -> None:
@@ -207,6 +208,8 @@ class CheckpointWriter:
             tensors[f"{name}.block_bits"] = plan.allocation.block_bits[name]
         if plan.tokens is not None:
             tensors[_TOKENS] = plan.tokens.cpu()
+        for name, fisher in (plan.fisher or {}).items():
+            tensors[f"{name}.{_FISHER}"] = fisher
         write_weights(self.progress / PLAN, tensors, WEIGHTS_METADATA, sync=True)
         a = plan.allocation
         self.manifest["plan"] = {
@@ -231,8 +234,10 @@ class CheckpointWriter:
         allocation = alloc.Allocation(block_bits, meta["avg_bits"], meta["target_bits"],
                                       tuple(meta["bit_choices"]))
         selection = Selection(names, tuple(meta["ignored"]), dict(meta["pinned"]))
+        fisher = ({n: tensors[f"{n}.{_FISHER}"] for n in names}
+                  if f"{names[0]}.{_FISHER}" in tensors else None) if names else None
         return Plan(selection, {n: geos[n] for n in names}, orders, allocation,
-                    tensors.get(_TOKENS), SFMPConfig.from_dict(meta["config"]))
+                    tensors.get(_TOKENS), SFMPConfig.from_dict(meta["config"]), fisher)
 
     # ---------------------------------------------------------------------------------------
     # Units

@@ -13,9 +13,10 @@ executes (device, --low-memory, shard size, resume) is not part of it.
     bits: 3.25                    # average code bits; or budget_gb: 0.1 (exactly one of them)
     levels: 2                     # 2: floor/ceil of the target; 3: three widths
     bit_choices: null             # or e.g. [2, 3, 4]
+    policy: salience              # block ranking: salience or perturbation (FGMP)
     uniform: false                # plain baseline: no salience, one integer width
     block: {group_size: 128, rows: 512}
-    method: {name: gptq, args: {percdamp: 0.01, blocksize: 128, damp_retries: 3}}
+    method: {name: gptq, args: {percdamp: 0.01, blocksize: 128, damp_retries: 3, clip: fisher}}
     calibration: {source: /data/calib.txt, nsamples: 32, seqlen: 256, seed: 0}
     overrides:
       ignore: ['model\\.layers\\.0\\.']       # regexes (re.search on the full linear name):
@@ -41,6 +42,9 @@ if TYPE_CHECKING:  # the pipeline imports torch; this module stays light
 RECIPE_VERSION = 1
 RECIPE_FILE = "recipe.yaml"  # the name a checkpoint stores its recipe under
 MAX_BITS = 8  # sfmp_serve.format.MAX_BITS (not imported: this module stays free of torch)
+# The method when none is named: the best measured on the embedded model (docs/results.md,
+# quality v2: GPTQ with Fisher-weighted clipping).
+DEFAULT_METHOD = "gptq"
 
 
 def _fail(where: str, key: str, why: str) -> SFMPError:
@@ -100,7 +104,7 @@ class Method:
     """A registered quantizer (offline/quantizers) and the fields of its Config dataclass;
     missing fields take the Config's defaults (`resolved` writes them out)."""
 
-    name: str = "rtn"
+    name: str = DEFAULT_METHOD
     args: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -111,7 +115,7 @@ class Method:
         args = data.get("args") or {}
         if not isinstance(args, Mapping):
             raise _fail(where, f"{key}.args", f"expected a mapping, got {args!r}")
-        return cls(_typed(data.get("name", "rtn"), str, where, f"{key}.name"), dict(args))
+        return cls(_typed(data.get("name", DEFAULT_METHOD), str, where, f"{key}.name"), dict(args))
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class Overrides:
 _SECTIONS = {"block": Block, "method": Method, "calibration": Calibration,
              "overrides": Overrides}
 _SCALARS = {"bits": (float, True), "budget_gb": (float, True), "levels": (int, False),
-            "uniform": (bool, False)}
+            "uniform": (bool, False), "policy": (str, False)}
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,7 @@ class Recipe:
     levels: int = 2
     bit_choices: tuple[int, ...] | None = None
     uniform: bool = False
+    policy: str = "salience"
     block: Block = field(default_factory=Block)
     method: Method = field(default_factory=Method)
     calibration: Calibration = field(default_factory=Calibration)
@@ -256,7 +261,7 @@ class Recipe:
             "version": self.version, "bits": self.bits, "budget_gb": self.budget_gb,
             "levels": self.levels,
             "bit_choices": None if self.bit_choices is None else list(self.bit_choices),
-            "uniform": self.uniform,
+            "uniform": self.uniform, "policy": self.policy,
             "block": {"group_size": self.block.group_size, "rows": self.block.rows},
             "method": {"name": self.method.name, "args": dict(self.method.args)},
             "calibration": dataclasses.asdict(self.calibration),
@@ -315,6 +320,7 @@ class Recipe:
             method_args=dict(self.method.args), calib=self.calibration.source,
             nsamples=self.calibration.nsamples, seqlen=self.calibration.seqlen,
             seed=self.calibration.seed, device=device, uniform=self.uniform,
+            policy=self.policy,
             salience_cache=salience_cache, low_memory=low_memory,
             ignore=self.overrides.ignore, pins=self.overrides.pin)
 
@@ -323,6 +329,7 @@ class Recipe:
         """The recipe of a pipeline QuantizeOptions (the inverse of `options`)."""
         return cls(bits=options.bits, budget_gb=options.budget_gb, levels=options.levels,
                    bit_choices=options.bit_choices, uniform=options.uniform,
+                   policy=options.policy,
                    block=Block(options.group_size, options.block_rows),
                    method=Method(options.method, dict(options.method_args)),
                    calibration=Calibration(options.calib, options.nsamples, options.seqlen,

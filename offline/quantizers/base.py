@@ -10,6 +10,8 @@ each field typed by its default, ranges checked in `__post_init__` with SFMPErro
 - `quantize`: one target's weight in its *reordered* order (rows by descending salience,
   columns in the shared input order) and the bit-width of every block -> integer codes and one
   asymmetric (scale, zero) pair per row and input group.
+A method whose Config has `clip = "fisher"` weighs its rounding errors by the Fisher diagonal
+(`needs_fisher`): the pipeline then hands it every target's Fisher, reordered (`fisher`).
 offline.sequential drives every method, one decoder layer at a time. Packing into bit planes
 happens after, in sfmp_serve.bitplanes, so no quantizer knows the storage format.
 """
@@ -58,6 +60,9 @@ class NoConfig:
     """A method without arguments."""
 
 
+CLIPS = ("minmax", "fisher")  # the `clip` argument of the methods that take one
+
+
 class Quantizer(ABC):
     name: ClassVar[str]
     needs_inputs: ClassVar[bool] = False
@@ -65,6 +70,21 @@ class Quantizer(ABC):
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or self.Config(), **overrides)
+        # Full target name -> its Fisher diagonal, reordered like the weight (set by the
+        # pipeline for methods that need it).
+        self.fisher: Mapping[str, torch.Tensor] | None = None
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Whether `quantize` weighs errors by the Fisher diagonal (Config.clip == "fisher")."""
+        return getattr(self.config, "clip", None) == "fisher"
+
+    def target_fisher(self, context: LinearContext) -> torch.Tensor:
+        """The reordered Fisher diagonal of the target being quantized."""
+        if self.fisher is None or context.name not in self.fisher:
+            raise SFMPError(f"method {self.name} with clip=fisher needs the Fisher diagonal of "
+                            f"{context.name or 'the target'} (run it through the pipeline)")
+        return self.fisher[context.name]
 
     @property
     def method_args(self) -> dict[str, Any]:
@@ -156,6 +176,13 @@ def method_config(name: str, args: Mapping[str, Any] | None = None,
 def make_quantizer(name: str, args: Mapping[str, Any] | None = None) -> Quantizer:
     """A fresh quantizer of method `name` with its config (defaults, updated by `args`)."""
     return _method(name)(method_config(name, args))
+
+
+def check_clip(config: Any, allowed: tuple[str, ...] = CLIPS) -> None:
+    """SFMPError unless config.clip is one of `allowed`."""
+    if config.clip not in allowed:
+        raise SFMPError(f"method.args.clip={config.clip!r}: expected one of "
+                        f"{', '.join(allowed)}")
 
 
 def check_positive(config: Any, *names: str) -> None:

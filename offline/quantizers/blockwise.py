@@ -59,6 +59,54 @@ def grouped(w: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
     return w.reshape(n, geometry.n_groups, geometry.group_size)
 
 
+# Clip ratios tried by the Fisher-weighted clipping: 1.0 (plain min-max) is always one of them,
+# so the chosen range never has a larger weighted error than no clipping.
+FISHER_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+def weighted_clip_params(w: torch.Tensor, fisher: torch.Tensor, maxq: torch.Tensor,
+                         grid: tuple[float, ...] = FISHER_CLIP_GRID,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, zero, error) of the clip ratio that minimises sum fisher * (w - q(w))^2.
+
+    w, fisher: [..., C] (the last dimension is one group's inputs); maxq: [...]. Each ratio
+    shrinks the group's [min, max] before the min-max parameters are taken (as AWQ's clipping
+    does); the Fisher diagonal weighs each weight's squared error by how much it moves the
+    loss, so an outlier that matters keeps its range and one that does not is clipped (FGMP's
+    sensitivity-weighted clipping)."""
+    wmin, wmax, m = w.amin(-1), w.amax(-1), maxq[..., None]
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    for ratio in grid:
+        scale, zero = minmax_params(wmin * ratio, wmax * ratio, maxq)
+        deq = (quantize_codes(w, scale[..., None], zero[..., None], m) - zero[..., None])
+        err = (fisher * (w - deq * scale[..., None]) ** 2).sum(-1)
+        if best is None:
+            best = (scale, zero, err)
+        else:
+            better = err < best[2]
+            best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]),
+                    torch.where(better, err, best[2]))
+    return best
+
+
+def fisher_clipped_minmax(weight: torch.Tensor, fisher: torch.Tensor, block_bits: torch.Tensor,
+                          geometry: LayerGeometry,
+                          grid: tuple[float, ...] = FISHER_CLIP_GRID) -> QuantizedCodes:
+    """Round to nearest with each (row, group)'s range clipped by `weighted_clip_params`.
+    weight, fisher: reordered [N, K]."""
+    groups = grouped(weight.to(torch.float32), geometry)
+    # Padding columns repeat a real one: give them no weight in the error.
+    f = torch.zeros(fisher.shape[0], geometry.n_groups * geometry.group_size,
+                    dtype=torch.float32, device=fisher.device)
+    f[:, :geometry.in_features] = fisher.to(torch.float32)
+    f = f.view(groups.shape)
+    maxq = max_code(row_group_bits(block_bits, geometry)).to(groups.device)  # [N, n_groups]
+    scale, zero, _ = weighted_clip_params(groups, f, maxq, grid)
+    codes = quantize_codes(groups, scale[..., None], zero[..., None], maxq[..., None])
+    return QuantizedCodes(codes=codes.flatten(1)[:, :geometry.in_features].to(torch.uint8),
+                          scale=scale, zero=zero)
+
+
 def quantize_minmax(weight: torch.Tensor, block_bits: torch.Tensor, geometry: LayerGeometry,
                     shrink: torch.Tensor | None = None) -> QuantizedCodes:
     """Min-max quantization of a reordered [N, K] weight with its block bits.

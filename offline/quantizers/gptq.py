@@ -7,6 +7,10 @@ upper Cholesky factor of H^-1 -> columns quantized left to right with lazy batch
 starts (so the group already carries the error feedback of every earlier column), and the
 row's block bit-width. Error feedback therefore flows across the reordered columns: salient
 columns come first and are compensated by the less salient ones.
+
+`clip="fisher"` (the default): a group's range, when it starts, is shrunk by the ratio that
+minimises the Fisher-weighted squared rounding error of its (error-fed) weights; "minmax" takes
+the whole range, as GPTQ's reference quantizer does.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from typing import Any
 
 import torch
 
-from offline.quantizers.base import (LinearContext, QuantizedCodes, Quantizer,
+from offline.quantizers.base import (LinearContext, QuantizedCodes, Quantizer, check_clip,
                                      check_positive, register, row_group_bits)
-from offline.quantizers.blockwise import group_slices, max_code, minmax_params, quantize_codes
+from offline.quantizers.blockwise import (group_slices, max_code, minmax_params,
+                                          quantize_codes, weighted_clip_params)
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry
 
@@ -95,10 +100,13 @@ def prepare_hessian(hessian: torch.Tensor, percdamp: float = 0.01,
 def gptq_quantize(weight: torch.Tensor, block_bits: torch.Tensor, geometry: LayerGeometry,
                   hessian: torch.Tensor | None, percdamp: float = 0.01,
                   blocksize: int = 128, retries: int = 3,
-                  prepared: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedCodes:
+                  prepared: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  fisher: torch.Tensor | None = None) -> QuantizedCodes:
     """GPTQ on a reordered weight [N, K] with its Hessian [K, K] in the same column order.
 
     `prepared` (from prepare_hessian) skips the factorisation when several linears share H.
+    `fisher` [N, K] (reordered): each group's range is clipped to minimise the Fisher-weighted
+    rounding error (else min-max).
     """
     dead, hinv = prepared or prepare_hessian(hessian, percdamp, retries)
     w = weight.to(torch.float32).clone()
@@ -116,7 +124,10 @@ def gptq_quantize(weight: torch.Tensor, block_bits: torch.Tensor, geometry: Laye
         err1 = torch.empty_like(w1)
         for g0, g1 in batch:
             cols = slice(g0 - i1, g1 - i1)
-            s, z = minmax_params(w1[:, cols].amin(1), w1[:, cols].amax(1), maxq[:, group])
+            if fisher is None:
+                s, z = minmax_params(w1[:, cols].amin(1), w1[:, cols].amax(1), maxq[:, group])
+            else:
+                s, z, _ = weighted_clip_params(w1[:, cols], fisher[:, g0:g1], maxq[:, group])
             scale[:, group], zero[:, group] = s, z
             for i in range(g0 - i1, g1 - i1):
                 q = quantize_codes(w1[:, i], s, z, maxq[:, group])
@@ -134,9 +145,11 @@ class GPTQConfig:
     percdamp: float = 0.01  # damping, as a fraction of the Hessian's mean diagonal
     blocksize: int = 128  # columns per lazy batch update
     damp_retries: int = 3  # times the damping is multiplied by 10 if H is not positive definite
+    clip: str = "fisher"  # each group's range: Fisher-weighted clipping, or "minmax" (whole)
 
     def __post_init__(self) -> None:
         check_positive(self, "percdamp", "blocksize")
+        check_clip(self)
         if self.damp_retries < 0:
             raise SFMPError(f"method.args.damp_retries={self.damp_retries!r}: must be >= 0")
 
@@ -164,5 +177,6 @@ class GPTQQuantizer(Quantizer):
         if self._cache is None or self._cache[0] is not context.inputs:
             dead, hinv = prepare_hessian(hessian_from_inputs(x), cfg.percdamp, cfg.damp_retries)
             self._cache = (context.inputs, dead, hinv)
+        fisher = self.target_fisher(context).to(weight.device) if self.needs_fisher else None
         return gptq_quantize(weight, block_bits, geometry, None, blocksize=cfg.blocksize,
-                             prepared=self._cache[1:])
+                             prepared=self._cache[1:], fisher=fisher)

@@ -66,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--bit-choices", help="comma-separated bit-widths, as many as --levels, "
                    "e.g. 2,3,4 (default: 2 levels floor/ceil of --bits; 3 levels the nearest "
                    "integer and its neighbours; a budget searches 2..8 bits)")
+    r.add_argument("--policy", choices=("salience", "perturbation"),
+                   help="how blocks are ranked for the high widths: salience (summed Fisher, "
+                   "METHOD.md; the default) or perturbation (the Fisher-weighted rounding "
+                   "error each width would leave, FGMP)")
     r.add_argument("--group-size", type=int,
                    help="inputs per quantization group, multiple of 8 (default 128)")
     r.add_argument("--block-rows", type=int, help="output rows per allocation block "
@@ -82,10 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, help="calibration seed (default 0)")
     r.add_argument("--method", help="quantizer: rtn (round to nearest), awq (activation-aware "
                    "scales + clipping) or gptq (Hessian error feedback); awq/gptq run layer by "
-                   "layer on the calibration data (default rtn)")
+                   "layer on the calibration data (default gptq)")
     r.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="a field of the "
-                   "method's config, e.g. percdamp=0.02 (gptq: percdamp, blocksize, "
-                   "damp_retries; awq: grid, clip_grid, max_shrink); repeatable")
+                   "method's config, e.g. percdamp=0.02 (rtn: clip; gptq: percdamp, blocksize, "
+                   "damp_retries, clip; awq: grid, clip_grid, max_shrink; clip=fisher: "
+                   "Fisher-weighted clipping of each group's range, clip=minmax: none); "
+                   "repeatable")
     r.add_argument("--ignore", action="append", metavar="REGEX", help="leave the linears whose "
                    "full name matches (re.search) in their original dtype, e.g. "
                    "'layers\\.0\\.' ; repeatable")
@@ -158,7 +164,7 @@ def build_recipe(args: argparse.Namespace) -> "Recipe":
         top.update(bits=args.bits, budget_gb=None)
     if args.budget_gb is not None:
         top.update(budget_gb=args.budget_gb, bits=None)
-    for key in ("levels", "uniform"):
+    for key in ("levels", "uniform", "policy"):
         if getattr(args, key) is not None:
             top[key] = getattr(args, key)
     if args.bit_choices is not None:

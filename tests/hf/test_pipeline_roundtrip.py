@@ -13,7 +13,7 @@ pipeline = pytest.importorskip("offline.pipeline")
 def test_in_memory_equals_saved(arch, request, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     options = pipeline.QuantizeOptions(bits=3.0, budget_gb=None, levels=3, bit_choices=(2, 3, 4),
-                                       group_size=32, block_rows=16, nsamples=2, seqlen=16)
+                                       group_size=32, block_rows=16, nsamples=4, seqlen=64)
     result = pipeline.quantize_model(model_dir, options)
     ckpt = pipeline.save_result(result, model_dir, tmp_path / "ckpt")
     in_memory = quantize_in_memory(AutoModelForCausalLM.from_pretrained(model_dir),

@@ -12,7 +12,8 @@ from sfmp_serve.cli.main import main
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import LayerGeometry, load_checkpoint
 
-FAST = ["--group-size", "32", "--block-rows", "16", "--nsamples", "2", "--seqlen", "16"]
+FAST = ["--method", "rtn", "--group-size", "32", "--block-rows", "16", "--nsamples", "2",
+        "--seqlen", "16"]
 IGNORED = [f"model.layers.0.mlp.{n}" for n in ("gate_proj", "up_proj")]
 
 

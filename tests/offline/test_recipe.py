@@ -36,7 +36,8 @@ def one_line_error(capsys, rc):
 
 
 def test_round_trip_keeps_every_field(tmp_path):
-    recipe = Recipe(bits=3.25, levels=3, bit_choices=(2, 3, 4), block={"group_size": 64},
+    recipe = Recipe(bits=3.25, levels=3, bit_choices=(2, 3, 4), policy="perturbation",
+                    block={"group_size": 64},
                     method={"name": "awq", "args": {"grid": 5}},
                     calibration={"source": "hf:wikitext:wikitext-2-raw-v1", "nsamples": 8},
                     overrides={"ignore": ["^lm"], "pin": {r"down_proj$": 5, "o_proj": 2}})
@@ -55,6 +56,9 @@ def test_round_trip_keeps_every_field(tmp_path):
      r"r.yaml: method.args.percdampp: unknown argument of method gptq \(it takes: percdamp,"),
     ("bits: three\n", "bits: expected a number or null, got 'three'"),
     ("bits: 3\nuniform: 1\n", "uniform: expected true or false"),
+    ("bits: 3\npolicy: fisher\n", "--policy='fisher': expected one of salience, perturbation"),
+    ("bits: 3\nmethod: {name: rtn, args: {clip: mse}}\n",
+     "method.args.clip='mse': expected one of minmax, fisher"),
     ("bits: 3\nmethod: {name: gptq, args: {blocksize: 1.5}}\n",
      r"method.args.blocksize: expected a int \(default 128\), got 1.5"),
     ("version: 2\nbits: 3\n", "version: 2 is not a recipe version this sfmp-serve reads"),
@@ -76,7 +80,8 @@ def test_flags_recipe_file_and_api_make_the_same_checkpoint(tmp_path, tiny_llama
     assert main(["quantize", str(tiny_llama), *FLAGS, "--calib", str(calib),
                  "--out", str(first)]) == 0
     recipe = Recipe.load(first / RECIPE_FILE)
-    assert recipe.method.args == {"percdamp": 0.05, "blocksize": 128, "damp_retries": 3}
+    assert recipe.method.args == {"percdamp": 0.05, "blocksize": 128, "damp_retries": 3,
+                                  "clip": "fisher"}
     assert recipe.calibration.source == str(calib.resolve())
     assert recipe.overrides.pin == (("down_proj", 4),) and len(recipe.overrides.ignore) == 1
     ckpt = load_checkpoint(first)
@@ -104,7 +109,7 @@ def test_flags_recipe_file_and_api_make_the_same_checkpoint(tmp_path, tiny_llama
 
 def test_python_api_takes_a_recipe_object(tmp_path, tiny_llama):
     recipe = sfmp_serve.Recipe(bits=2.5, block={"group_size": 32, "rows": 16},
-                               calibration={"nsamples": 2, "seqlen": 16})
+                               calibration={"nsamples": 4, "seqlen": 64})
     summary = sfmp_serve.quantize(tiny_llama, recipe, out=tmp_path / "q",
                                   metrics={"toy perplexity": 12.5})
     assert abs(summary.avg_bits - 2.5) <= 0.01 and summary.bit_choices == (2, 3)
@@ -118,12 +123,12 @@ def test_python_api_takes_a_recipe_object(tmp_path, tiny_llama):
 def test_model_card_says_what_it_is_and_how_to_run_it(tmp_path, tiny_llama):
     out = tmp_path / "tiny-sfmp"
     assert main(["quantize", str(tiny_llama), "--bits", "3.5", "--group-size", "32",
-                 "--block-rows", "16", "--nsamples", "2", "--seqlen", "16",
+                 "--block-rows", "16", "--nsamples", "4", "--seqlen", "64",
                  "--card-metric", "toy ppl=9.87", "--out", str(out)]) == 0
     card = (out / "README.md").read_text()
     cfg = load_checkpoint(out).config
     for text in (f"{cfg.avg_bits:.4f} average code bits", "(target 3.5)", "| toy ppl | 9.87 |",
-                 f"{cfg.bits_per_weight:.4f}", "MB in 1 file", "`rtn`",
+                 f"{cfg.bits_per_weight:.4f}", "MB in 1 file", "`gptq`",
                  "vllm serve ./tiny-sfmp --quantization sfmp", "sfmp serve ./tiny-sfmp",
                  "import sfmp_serve.hf",
                  'AutoModelForCausalLM.from_pretrained("./tiny-sfmp")',

@@ -7,7 +7,7 @@ from offline import pipeline
 from offline.pipeline import QuantizeOptions, quantize_model
 from sfmp_serve.errors import SFMPError
 
-FAST = dict(group_size=32, block_rows=16, nsamples=2, seqlen=16)
+FAST = dict(method="rtn", group_size=32, block_rows=16, nsamples=2, seqlen=16)
 
 
 def test_second_run_reuses_the_salience(tiny_llama, tmp_path, monkeypatch):

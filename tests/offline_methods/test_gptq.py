@@ -40,13 +40,31 @@ def test_gptq_beats_rtn_on_a_known_hessian_and_honours_block_bits():
     w = torch.randn(N, K)
     x = correlated_inputs(4096, K)
     bits = mixed_bits()
-    q_gptq = GPTQQuantizer().quantize(w, bits, GEO, LinearContext(inputs=x))
+    q_gptq = GPTQQuantizer(clip="minmax").quantize(w, bits, GEO, LinearContext(inputs=x))
     q_rtn = RTNQuantizer().quantize(w, bits, GEO, LinearContext())
     assert_codes_honour_bits(q_gptq, bits)
     assert_codes_honour_bits(q_rtn, bits)
     err_gptq = output_error(x, w, dequantize_codes(q_gptq, GEO))
     err_rtn = output_error(x, w, dequantize_codes(q_rtn, GEO))
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_fisher_clipped_gptq_beats_rtn_and_needs_the_fisher():
+    torch.manual_seed(0)
+    w, x, bits = torch.randn(N, K), correlated_inputs(4096, K), mixed_bits()
+    fisher = torch.rand(N, K) ** 3
+    quantizer = GPTQQuantizer()  # clip=fisher is the default
+    with pytest.raises(SFMPError, match="method gptq with clip=fisher needs the Fisher "
+                                        "diagonal of layers.0.w"):
+        quantizer.quantize(w, bits, GEO, LinearContext(inputs=x, name="layers.0.w"))
+    quantizer.fisher = {"layers.0.w": fisher}
+    q = quantizer.quantize(w, bits, GEO, LinearContext(inputs=x, name="layers.0.w"))
+    assert_codes_honour_bits(q, bits)
+    plain = GPTQQuantizer(clip="minmax").quantize(w, bits, GEO, LinearContext(inputs=x))
+    assert not torch.equal(q.scale, plain.scale)  # some groups were clipped
+    q_rtn = RTNQuantizer().quantize(w, bits, GEO, LinearContext())
+    err = output_error(x, w, dequantize_codes(q, GEO))
+    assert err < 0.8 * output_error(x, w, dequantize_codes(q_rtn, GEO))
 
 
 def test_gptq_with_a_diagonal_hessian_is_rtn():
@@ -72,7 +90,7 @@ def test_dead_inputs_get_zero_weight_and_no_error():
     w = torch.randn(N, K)
     x = correlated_inputs(1024, K)
     x[:, 5] = 0.0
-    q = GPTQQuantizer().quantize(w, mixed_bits(), GEO, LinearContext(inputs=x))
+    q = GPTQQuantizer(clip="minmax").quantize(w, mixed_bits(), GEO, LinearContext(inputs=x))
     deq = dequantize_codes(q, GEO)
     assert torch.isfinite(deq).all()
     assert (deq[:, 5] == 0).all()

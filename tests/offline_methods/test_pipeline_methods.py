@@ -88,8 +88,8 @@ def direct_minmax_g32(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 def test_uniform_rtn_is_plain_group_quantization(tiny_llama, tmp_path):
     out = tmp_path / "uniform"
-    assert main(["quantize", str(tiny_llama), "--bits", "3", "--uniform", *SMALL,
-                 "--out", str(out)]) == 0
+    assert main(["quantize", str(tiny_llama), "--bits", "3", "--uniform", "--method", "rtn",
+                 *SMALL, "--out", str(out)]) == 0
     ckpt = load_checkpoint(out)
     original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).state_dict()
     for name in ckpt.config.quantized_modules:
@@ -145,3 +145,55 @@ def test_cuda_and_cpu_give_the_same_model_up_to_float_noise(tiny_llama, tmp_path
         with torch.no_grad():
             logits[device] = load_sfmp_model(out, dequantized=True)(ids).logits
     torch.testing.assert_close(logits["cuda"], logits["cpu"], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_perturbation_policy_three_levels_and_fisher_clip(tiny_llama, tmp_path, spies, method):
+    """--bits 4 --levels 3 --policy perturbation with Fisher clipping: the widths 3/4/5 at an
+    average of 4, recorded in the config, and a checkpoint transformers runs."""
+    from offline import allocation as alloc
+    from sfmp_serve.hf import load_sfmp_model
+
+    out = tmp_path / method
+    assert main(["quantize", str(tiny_llama), "--bits", "4", "--levels", "3", "--policy",
+                 "perturbation", "--method", method, "--method-arg", "clip=fisher", *SMALL,
+                 "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt.config.bit_choices == (3, 4, 5)
+    assert abs(ckpt.config.avg_bits - 4.0) <= 0.05  # tiny model: few, coarse blocks
+    assert ckpt.config.method_args["clip"] == "fisher"
+    assert ckpt.config.method_args["allocation"] == "fisher-perturbation"
+    allocation = spies["allocation"]
+    used = {int(b) for t in allocation.block_bits.values() for b in t.flatten()}
+    assert len(used) >= 2
+    model = load_sfmp_model(out)
+    ids = torch.arange(1, 17)[None]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_perturbation_policy_ranks_by_error_not_salience(tiny_llama, tmp_path, monkeypatch):
+    """The allocation receives each block's errors at the choices, not summed Fisher."""
+    from offline import allocation as alloc
+
+    seen = {}
+    allocate = pipeline.alloc.allocate
+
+    def spy(importance, *args, **kwargs):
+        seen["importance"] = importance
+        return allocate(importance, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.alloc, "allocate", spy)
+    assert main(["quantize", str(tiny_llama), "--bits", "3.5", "--policy", "perturbation",
+                 *SMALL, "--out", str(tmp_path / "p")]) == 0
+    errors = next(iter(seen["importance"].values()))
+    assert isinstance(errors, alloc.BlockErrors) and errors.widths == (3, 4)
+    assert (errors.errors[0] >= errors.errors[1]).all()
+
+
+def test_the_default_method_is_gptq_with_fisher_clipping(tiny_llama, tmp_path):
+    """The best measured configuration (docs/results.md, quality v2) is what a user gets."""
+    out = tmp_path / "default"
+    assert main(["quantize", str(tiny_llama), "--bits", "3.5", *SMALL, "--out", str(out)]) == 0
+    config = load_checkpoint(out).config
+    assert config.method == "gptq" and config.method_args["clip"] == "fisher"
+    assert config.method_args["allocation"] == "fisher"

@@ -39,13 +39,19 @@ def rebuild(path, spec, plans, result):
     return model
 
 
-@pytest.mark.parametrize("method", [GPTQQuantizer, AWQQuantizer])
+@pytest.mark.parametrize("method", ["gptq", "gptq-fisher-clip", "awq"])
 def test_codes_and_changed_tensors_reproduce_the_quantized_model(tiny_qwen3, method):
     model = load(tiny_qwen3)
     spec = arch_for(model.config.model_type)
     plans = random_plans(model, spec)
     ids = calib()
-    result = quantize_sequential(model, targets_of(model), plans, method(), ids, batch_size=2)
+    quantizer = {"gptq": lambda: GPTQQuantizer(clip="minmax"), "awq": AWQQuantizer,
+                 "gptq-fisher-clip": GPTQQuantizer}[method]()
+    if quantizer.needs_fisher:  # what the pipeline hands it: a Fisher diagonal per target
+        gen = torch.Generator().manual_seed(0)
+        quantizer.fisher = {n: torch.rand(model.get_submodule(n).weight.shape, generator=gen)
+                            for n in plans}
+    result = quantize_sequential(model, targets_of(model), plans, quantizer, ids, batch_size=2)
     assert set(result.codes) == set(plans)
     with torch.no_grad():
         torch.testing.assert_close(rebuild(tiny_qwen3, spec, plans, result)(ids).logits,
