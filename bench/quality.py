@@ -10,6 +10,10 @@ plus the unquantized model. Each checkpoint is written by the real pipeline and 
 `sfmp eval ppl`'s code path on held-out text (default: Newton's "Opticks", which ships with the
 installed apache-tvm-ffi package; calibration never sees it: it is data-free by default).
 
+Every run uses the product defaults unless a named setting is given (`--name NAME` with
+`--policy`, `--levels`, `--clip`): its runs are labelled `...@NAME`, so ablations one change at a
+time land in the same results file and table as the main runs.
+
 Writes OUT/results.json (appended as runs finish; finished runs are skipped on a rerun),
 OUT/quality.md (the table) and OUT/quality.png or --plot (ppl vs BPW, one line per method).
 
@@ -27,7 +31,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 log = logging.getLogger("bench.quality")
@@ -36,15 +40,34 @@ HELDOUT_PACKAGE, HELDOUT_FILE = "tvm_ffi", "3rdparty/libbacktrace/Isaac.Newton-O
 
 
 @dataclass(frozen=True)
+class Setting:
+    """The product options a run is quantized with (the issue-15 flags); `name` tells the
+    ablation rows apart and is empty for the defaults."""
+
+    name: str = ""
+    policy: str = "salience"
+    levels: int = 2
+    clip: str | None = None  # rtn/gptq: minmax or fisher; None = the method's default
+
+    def method_args(self, method: str) -> dict:
+        from offline.quantizers.base import method_config
+
+        has_clip = "clip" in {f.name for f in fields(method_config(method, {}))}
+        return {"clip": self.clip} if self.clip is not None and has_clip else {}
+
+
+@dataclass(frozen=True)
 class Run:
     family: str  # "sfmp" or "uniform"
     method: str
     bits: float  # --bits given to the pipeline (average code bits)
     nominal_bpw: float  # the BPW column this run stands for (first one that asked for it)
+    setting: Setting = Setting()
 
     @property
     def label(self) -> str:
-        return f"{self.family}-{self.method}-{self.bits:g}"
+        base = f"{self.family}-{self.method}-{self.bits:g}"
+        return f"{base}@{self.setting.name}" if self.setting.name else base
 
 
 def default_heldout_text() -> Path:
@@ -102,16 +125,18 @@ def storage_line(model_dir: str, group_size: int, block_rows: int) -> tuple[floa
 
 
 def plan_runs(bpws: list[float], methods: list[str], overhead: float,
-              slope: float = 1.0) -> list[Run]:
+              slope: float = 1.0, setting: Setting = Setting(),
+              families: tuple[str, ...] = ("sfmp", "uniform")) -> list[Run]:
     """SFMP and uniform runs for every BPW target (code bits = (BPW - overhead) / slope)."""
     runs: dict[str, Run] = {}
     for bpw in bpws:
         code_bits = round((bpw - overhead) / slope, 4)
         uniform_bits = min(8, max(1, round(code_bits)))
         for method in methods:
-            for run in (Run("sfmp", method, code_bits, bpw),
-                        Run("uniform", method, float(uniform_bits), bpw)):
-                runs.setdefault(run.label, run)
+            for run in (Run("sfmp", method, code_bits, bpw, setting),
+                        Run("uniform", method, float(uniform_bits), bpw, setting)):
+                if run.family in families:
+                    runs.setdefault(run.label, run)
     return list(runs.values())
 
 
@@ -133,6 +158,8 @@ def quantize(run: Run, args: argparse.Namespace, out: Path) -> dict:
     options = QuantizeOptions(bits=run.bits, budget_gb=None, group_size=args.group_size,
                               block_rows=args.block_rows, method=run.method,
                               uniform=run.family == "uniform", nsamples=args.nsamples,
+                              policy=run.setting.policy, levels=run.setting.levels,
+                              method_args=run.setting.method_args(run.method),
                               seqlen=args.calib_seqlen, device=args.device,
                               # one Fisher pass serves every SFMP run (same model, same data)
                               salience_cache=str(Path(args.work) / "salience.safetensors"))
@@ -141,6 +168,7 @@ def quantize(run: Run, args: argparse.Namespace, out: Path) -> dict:
     save_result(result, args.model, out, overwrite=True)
     seconds = time.perf_counter() - start
     return {"avg_bits": result.config.avg_bits, "bpw": result.config.bits_per_weight,
+            "method_args": result.config.method_args,
             "quant_seconds": round(seconds, 1),
             "stage_seconds": {k: round(v, 1) for k, v in result.stage_seconds.items()}}
 
@@ -157,7 +185,8 @@ def run_all(args: argparse.Namespace) -> dict[str, dict]:
     text_path = Path(args.text) if args.text else default_heldout_text()
     text = text_path.read_text(encoding="utf-8")
     overhead, slope = storage_line(args.model, args.group_size, args.block_rows)
-    runs = plan_runs(args.bpw, args.methods, overhead, slope)
+    setting = Setting(args.name, args.policy, args.levels, args.clip)
+    runs = plan_runs(args.bpw, args.methods, overhead, slope, setting, tuple(args.families))
     meta = {"model": str(args.model), "text": str(text_path), "eval_seqlen": args.eval_seqlen,
             "max_tokens": args.max_tokens, "group_size": args.group_size,
             "block_rows": args.block_rows, "nsamples": args.nsamples,
@@ -191,17 +220,22 @@ def table(results: dict[str, dict]) -> str:
     meta = results.get("meta", {})
     lines = [f"Perplexity on `{meta.get('text', '?')}` ({meta.get('max_tokens') or 'all'} "
              f"tokens, windows of {meta.get('eval_seqlen', '?')}), model `{meta.get('model')}`.",
-             "", "| run | method | target BPW | code bits | achieved BPW | ppl | quantize s |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| run | method | setting | target BPW | code bits | achieved BPW | ppl | "
+             "quantize s |", "|---|---|---|---|---|---|---|---|"]
     base = results.get("baseline")
     if base:
-        lines.append(f"| unquantized | - | - | - | {base['bpw']:.2f} | {base['ppl']:.3f} | - |")
+        lines.append(f"| unquantized | - | - | - | - | {base['bpw']:.2f} | {base['ppl']:.3f} "
+                     "| - |")
     runs = [r for k, r in results.items() if k not in ("baseline", "meta")]
-    for r in sorted(runs, key=lambda r: (r["family"], r["method"], r["bpw"])):
-        lines.append(f"| {r['family']} | {r['method']} | {r['nominal_bpw']:g} | "
-                     f"{r['avg_bits']:.3f} | {r['bpw']:.3f} | {r['ppl']:.3f} | "
-                     f"{r['quant_seconds']:.0f} |")
+    for r in sorted(runs, key=lambda r: (r["family"], r["method"], setting_name(r), r["bpw"])):
+        lines.append(f"| {r['family']} | {r['method']} | {setting_name(r) or 'default'} | "
+                     f"{r['nominal_bpw']:g} | {r['avg_bits']:.3f} | {r['bpw']:.3f} | "
+                     f"{r['ppl']:.3f} | {r['quant_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def setting_name(record: dict) -> str:
+    return (record.get("setting") or {}).get("name", "")
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
@@ -210,13 +244,15 @@ def plot(results: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Lines of at least two points: the ablations at one BPW are in the table only.
     runs = [r for k, r in results.items() if k not in ("baseline", "meta")]
     for family, style in (("sfmp", "-o"), ("uniform", "--s")):
-        for method in sorted({r["method"] for r in runs}):
-            pts = sorted((r["bpw"], r["ppl"]) for r in runs
-                         if r["family"] == family and r["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts), style, label=f"{family.upper()}-{method}")
+        for method, name in sorted({(r["method"], setting_name(r)) for r in runs}):
+            pts = sorted((r["bpw"], r["ppl"]) for r in runs if r["family"] == family
+                         and r["method"] == method and setting_name(r) == name)
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), style,
+                        label=f"{family.upper()}-{method}" + (f" ({name})" if name else ""))
     if "baseline" in results:
         ax.axhline(results["baseline"]["ppl"], color="k", lw=1, ls=":", label="unquantized")
     ax.set_xlabel("bits per weight (codes + scales + tables)")
@@ -248,6 +284,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=2048,
                    help="perplexity window (default: sfmp eval ppl's)")
     p.add_argument("--max-tokens", type=int, default=32768, help="held-out tokens scored")
+    p.add_argument("--families", type=lambda s: s.split(","), default=["sfmp", "uniform"])
+    p.add_argument("--name", default="", help="setting name, added to the run labels "
+                   "(ablations: one results file, one row per setting)")
+    p.add_argument("--policy", default="salience", choices=("salience", "perturbation"))
+    p.add_argument("--levels", type=int, default=2)
+    p.add_argument("--clip", default=None, choices=("minmax", "fisher"),
+                   help="rtn/gptq clip (default: the method's own default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--plot", default=None, help="where the PNG goes (default OUT/quality.png)")

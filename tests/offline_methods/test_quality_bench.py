@@ -26,6 +26,15 @@ def test_runs_for_the_reference_bpw_targets(quality):
     assert len(runs) == 2 * (4 + 3)
 
 
+def test_a_named_setting_labels_its_runs_and_clips_only_where_a_method_can(quality):
+    setting = quality.Setting("pert", policy="perturbation", levels=3, clip="minmax")
+    runs = quality.plan_runs([3.5], ["rtn", "awq"], 0.25, setting=setting, families=("sfmp",))
+    assert [r.label for r in runs] == ["sfmp-rtn-3.25@pert", "sfmp-awq-3.25@pert"]
+    assert setting.method_args("rtn") == setting.method_args("gptq") == {"clip": "minmax"}
+    assert setting.method_args("awq") == {}  # AWQ keeps its own output-error clipping search
+    assert quality.Setting().method_args("gptq") == {}  # the method's default
+
+
 def test_overhead_is_what_a_checkpoint_stores_beyond_its_codes(quality, tiny_llama, tmp_path):
     from sfmp_serve.cli.main import main
     from sfmp_serve.format import load_checkpoint
