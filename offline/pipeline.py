@@ -427,6 +427,8 @@ def layer_units(loaded: LoadedModel, plan: Plan, quantizer: Quantizer,
             result = next(layers, None)
         if result is None:
             return
+        for name in result.codes if plan.fisher is not None else ():
+            plan.fisher.pop(name, None)  # 2 bytes per weight no longer needed
         with timer("pack"):
             unit = layer_unit(loaded, plan.config, plan.geos, plan.orders,
                               plan.allocation.block_bits, result)
