@@ -87,7 +87,8 @@ def run_one(label: str, args: argparse.Namespace, code_bits: float, text: str) -
         bits=bits, budget_gb=None, group_size=group, block_rows=args.block_rows,
         method=method, uniform=bool(uniform), nsamples=args.nsamples,
         seqlen=args.calib_seqlen, device=args.device,
-        salience_cache=str(Path(args.work) / "salience.safetensors"))
+        # The issue-3 ablations swap the summed-Fisher ranking (block_sums): salience policy.
+        policy="salience", salience_cache=str(Path(args.work) / "salience.safetensors"))
     ckpt = Path(args.work) / f"ablation-{label}"
     with ExitStack() as stack:
         if uniform and uniform[4]:

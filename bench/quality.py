@@ -45,7 +45,7 @@ class Setting:
     ablation rows apart and is empty for the defaults."""
 
     name: str = ""
-    policy: str = "salience"
+    policy: str | None = None  # None: the product's default
     levels: int = 2
     clip: str | None = None  # rtn/gptq: minmax or fisher; None = the method's default
 
@@ -158,7 +158,8 @@ def quantize(run: Run, args: argparse.Namespace, out: Path) -> dict:
     options = QuantizeOptions(bits=run.bits, budget_gb=None, group_size=args.group_size,
                               block_rows=args.block_rows, method=run.method,
                               uniform=run.family == "uniform", nsamples=args.nsamples,
-                              policy=run.setting.policy, levels=run.setting.levels,
+                              levels=run.setting.levels,
+                              **({"policy": run.setting.policy} if run.setting.policy else {}),
                               method_args=run.setting.method_args(run.method),
                               seqlen=args.calib_seqlen, device=args.device,
                               # one Fisher pass serves every SFMP run (same model, same data)
@@ -287,7 +288,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--families", type=lambda s: s.split(","), default=["sfmp", "uniform"])
     p.add_argument("--name", default="", help="setting name, added to the run labels "
                    "(ablations: one results file, one row per setting)")
-    p.add_argument("--policy", default="salience", choices=("salience", "perturbation"))
+    p.add_argument("--policy", default=None, choices=("salience", "perturbation"),
+                   help="block ranking (default: the product's)")
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--clip", default=None, choices=("minmax", "fisher"),
                    help="rtn/gptq clip (default: the method's own default)")

@@ -41,7 +41,7 @@ from offline.sequential import make_plans, quantize_layers
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import (MAX_BITS, BitStats, LayerGeometry, PackedLinear, SFMPConfig,
                                checkpoint_config)
-from sfmp_serve.recipe import DEFAULT_METHOD
+from sfmp_serve.recipe import DEFAULT_METHOD, DEFAULT_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class QuantizeOptions:
     method_args: Mapping[str, Any] = field(default_factory=dict)  # fields of the method Config
     ignore: tuple[str, ...] = ()  # regexes of linears left unquantized
     pins: tuple[tuple[str, int], ...] = ()  # (regex, bits) of linears at a fixed width
-    policy: str = "salience"  # block importance: summed Fisher, or Fisher-weighted errors
+    policy: str = DEFAULT_POLICY  # block importance: Fisher-weighted errors, or summed Fisher
 
     def validate(self) -> None:
         """Every check that needs no model, so bad flags fail before minutes of work."""

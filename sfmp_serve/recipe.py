@@ -13,7 +13,7 @@ executes (device, --low-memory, shard size, resume) is not part of it.
     bits: 3.25                    # average code bits; or budget_gb: 0.1 (exactly one of them)
     levels: 2                     # 2: floor/ceil of the target; 3: three widths
     bit_choices: null             # or e.g. [2, 3, 4]
-    policy: salience              # block ranking: salience or perturbation (FGMP)
+    policy: perturbation          # block ranking: perturbation (FGMP) or salience
     uniform: false                # plain baseline: no salience, one integer width
     block: {group_size: 128, rows: 512}
     method: {name: gptq, args: {percdamp: 0.01, blocksize: 128, damp_retries: 3, clip: fisher}}
@@ -45,6 +45,7 @@ MAX_BITS = 8  # sfmp_serve.format.MAX_BITS (not imported: this module stays free
 # The method when none is named: the best measured on the embedded model (docs/results.md,
 # quality v2: GPTQ with Fisher-weighted clipping).
 DEFAULT_METHOD = "gptq"
+DEFAULT_POLICY = "perturbation"  # the block ranking, by the same measurements
 
 
 def _fail(where: str, key: str, why: str) -> SFMPError:
@@ -186,7 +187,7 @@ class Recipe:
     levels: int = 2
     bit_choices: tuple[int, ...] | None = None
     uniform: bool = False
-    policy: str = "salience"
+    policy: str = DEFAULT_POLICY
     block: Block = field(default_factory=Block)
     method: Method = field(default_factory=Method)
     calibration: Calibration = field(default_factory=Calibration)

@@ -67,9 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "e.g. 2,3,4 (default: 2 levels floor/ceil of --bits; 3 levels the nearest "
                    "integer and its neighbours; a budget searches 2..8 bits)")
     r.add_argument("--policy", choices=("salience", "perturbation"),
-                   help="how blocks are ranked for the high widths: salience (summed Fisher, "
-                   "METHOD.md; the default) or perturbation (the Fisher-weighted rounding "
-                   "error each width would leave, FGMP)")
+                   help="how blocks are ranked for the high widths: perturbation (the "
+                   "Fisher-weighted rounding error each width would leave, FGMP; the default) "
+                   "or salience (summed Fisher, METHOD.md)")
     r.add_argument("--group-size", type=int,
                    help="inputs per quantization group, multiple of 8 (default 128)")
     r.add_argument("--block-rows", type=int, help="output rows per allocation block "

@@ -190,10 +190,10 @@ def test_perturbation_policy_ranks_by_error_not_salience(tiny_llama, tmp_path, m
     assert (errors.errors[0] >= errors.errors[1]).all()
 
 
-def test_the_default_method_is_gptq_with_fisher_clipping(tiny_llama, tmp_path):
+def test_the_default_is_gptq_with_fisher_clipping_and_perturbation(tiny_llama, tmp_path):
     """The best measured configuration (docs/results.md, quality v2) is what a user gets."""
     out = tmp_path / "default"
     assert main(["quantize", str(tiny_llama), "--bits", "3.5", *SMALL, "--out", str(out)]) == 0
     config = load_checkpoint(out).config
     assert config.method == "gptq" and config.method_args["clip"] == "fisher"
-    assert config.method_args["allocation"] == "fisher"
+    assert config.method_args["allocation"] == "fisher-perturbation"

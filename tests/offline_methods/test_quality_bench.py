@@ -96,7 +96,8 @@ def test_ablation_swaps_change_only_what_they_name(ablation, tiny_llama):
     from offline import pipeline
     from offline.pipeline import QuantizeOptions, quantize_model
 
-    options = dict(bits=3.5, budget_gb=None, method="rtn", group_size=32, block_rows=16,
+    options = dict(bits=3.5, budget_gb=None, method="rtn", policy="salience", group_size=32,
+                   block_rows=16,
                    nsamples=2, seqlen=32)
     full = quantize_model(tiny_llama, QuantizeOptions(**options))
     with mock.patch.object(pipeline, "salience_orders", ablation.identity_orders):
