@@ -11,12 +11,24 @@ in tests/tiny.py FAMILY_MODELS). tests/test_families.py checks every entry on a 
 model: every decoder linear listed, input groups exactly the linears that share an input, folds
 exact (or refused by shape, with a warning), fused names equal to vLLM's packed_modules_mapping;
 tests/serving/test_families_vllm.py serves it in vLLM.
+
+A mixture-of-experts family adds a MoESpec: where its sparse block, router and experts live,
+and the checkpoint names of each expert's gate, up and down projections. transformers 5.x
+keeps the experts of such a block as stacked 3-D parameters while checkpoints (and vLLM) name
+one linear per expert; sfmp_serve.experts turns the stacked form into one nn.Linear per expert
+and projection, so every expert projection is a quantization target like any other linear,
+and `stored_key` / `model_key` translate between the model's and the checkpoint's names (they
+differ where transformers renames the block, e.g. Mixtral's block_sparse_moe -> mlp). In a
+layer that has the sparse block, the table's groups and folds under the block are replaced by
+the experts' (a family whose config mixes dense and sparse layers, Qwen3-MoE's
+mlp_only_layers, lists its dense MLP as usual).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from sfmp_serve.errors import SFMPError
 
@@ -38,6 +50,65 @@ class SmoothMapping:
     # chunks and chunk i feeds `linears`. A model whose chunks are unequal fails the shape check
     # and the fold is skipped.
     chunk: tuple[int, int] = (0, 1)
+    # Unquantized modules that read the same input and take the scale on their weight columns
+    # so their output is unchanged (a MoE router reads what the experts read).
+    also: tuple[str, ...] = ()
+    # The linears read different token subsets of one input (routed experts): each is scored
+    # on its own tokens, and one without enough of them is scaled but not scored.
+    routed: bool = False
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A sparse mixture-of-experts block: a router picks top-k experts per token, each a gated
+    MLP down(act(gate(x)) * up(x)). Names are relative to the decoder layer."""
+
+    block: str = "mlp"  # the sparse block in the transformers model
+    stored_block: str = "mlp"  # its name in checkpoints (Mixtral: block_sparse_moe)
+    experts: str = "experts"  # inside the block: the experts (stacked in transformers 5.x)
+    router: str = "gate"  # inside the block: never quantized
+    # checkpoint names of each expert's projections, in vLLM's order (gate, down, up)
+    gate: str = "gate_proj"
+    down: str = "down_proj"
+    up: str = "up_proj"
+    norm: str = "post_attention_layernorm"  # what the block reads: AWQ folds its scale here
+    norm_kind: str = NORM
+
+    @property
+    def experts_path(self) -> str:
+        return f"{self.block}.{self.experts}"
+
+    def expert_linears(self, expert: int) -> tuple[str, str, str]:
+        """(gate, up, down) of one expert, model names relative to the decoder layer."""
+        head = f"{self.experts_path}.{expert}"
+        return f"{head}.{self.gate}", f"{head}.{self.up}", f"{head}.{self.down}"
+
+    def groups(self, n_experts: int) -> tuple[tuple[str, ...], ...]:
+        """Per expert: (gate, up) read its routed tokens, (down,) their gated product."""
+        out: list[tuple[str, ...]] = []
+        for e in range(n_experts):
+            gate, up, down = self.expert_linears(e)
+            out += [(gate, up), (down,)]
+        return tuple(out)
+
+    def smooth(self, n_experts: int) -> tuple[SmoothMapping, ...]:
+        """The norm before the block absorbs one scale for every expert's gate and up (the
+        router's columns take it too); each expert's up rows absorb its down's scale."""
+        linears = tuple(n for e in range(n_experts) for n in self.expert_linears(e)[:2])
+        mappings = [SmoothMapping(self.norm, linears, self.norm_kind,
+                                  also=(f"{self.block}.{self.router}",), routed=True)]
+        for e in range(n_experts):
+            _, up, down = self.expert_linears(e)
+            mappings.append(SmoothMapping(up, (down,), LINEAR))
+        return tuple(mappings)
+
+    def expert_of(self, local: str) -> int | None:
+        """The expert index of a model name relative to the decoder layer, else None."""
+        head = self.experts_path + "."
+        if not local.startswith(head):
+            return None
+        index = local[len(head):].partition(".")[0]
+        return int(index) if index.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -51,11 +122,55 @@ class ArchSpec:
     smooth: tuple[SmoothMapping, ...] = ()
     # linear -> module whose forward input is the linear's input, where that is not the linear
     capture: Mapping[str, str] = field(default_factory=dict)
+    moe: MoESpec | None = None  # the sparse block of a mixture-of-experts family
 
     @property
     def linears(self) -> tuple[str, ...]:
-        """Quantized linears relative to a decoder layer, in execution order."""
+        """Quantized linears relative to a decoder layer, in execution order (dense layers)."""
         return tuple(name for group in self.input_groups for name in group)
+
+    def n_experts(self, layer: Any) -> int:
+        """Experts of the decoder layer's sparse block; 0 for a dense layer (or family)."""
+        if self.moe is None:
+            return 0
+        try:
+            experts = layer.get_submodule(self.moe.experts_path)
+        except AttributeError:
+            return 0
+        return int(experts.num_experts)
+
+    def _dense(self, name: str) -> bool:
+        return self.moe is None or not name.startswith(self.moe.block + ".")
+
+    def layer_groups(self, layer: Any) -> tuple[tuple[str, ...], ...]:
+        """The input groups of one decoder layer (a sparse layer's experts replace its MLP)."""
+        n = self.n_experts(layer)
+        if not n:
+            return self.input_groups
+        return tuple(g for g in self.input_groups if self._dense(g[0])) + self.moe.groups(n)
+
+    def layer_smooth(self, layer: Any) -> tuple[SmoothMapping, ...]:
+        """The AWQ folds of one decoder layer."""
+        n = self.n_experts(layer)
+        if not n:
+            return self.smooth
+        return tuple(m for m in self.smooth if self._dense(m.linears[0])) + self.moe.smooth(n)
+
+    def _rename(self, key: str, old: str, new: str) -> str:
+        match = re.match(rf"({re.escape(self.layers_path)}\.\d+\.){re.escape(old)}\.", key)
+        return key if match is None else match.group(1) + new + "." + key[match.end():]
+
+    def stored_key(self, key: str) -> str:
+        """A model state-dict name (experts unrolled) as the checkpoint names it."""
+        if self.moe is None or self.moe.block == self.moe.stored_block:
+            return key
+        return self._rename(key, self.moe.block, self.moe.stored_block)
+
+    def model_key(self, key: str) -> str:
+        """A checkpoint tensor name as the model (experts unrolled) names it."""
+        if self.moe is None or self.moe.block == self.moe.stored_block:
+            return key
+        return self._rename(key, self.moe.stored_block, self.moe.block)
 
     def group_of(self, linear: str) -> tuple[str, ...]:
         for group in self.input_groups:
@@ -119,12 +234,44 @@ PHI3 = ArchSpec(
     ),
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA_LIKE, GEMMA, PHI3)
+# Mixtral: every decoder layer is sparse; checkpoints (and vLLM) call the block
+# block_sparse_moe and an expert's gate/down/up w1/w2/w3, transformers calls the block mlp.
+MIXTRAL = ArchSpec(
+    family="Mixtral",
+    model_types=("mixtral",),
+    layers_path="model.layers",
+    input_groups=(_ATTN, ("self_attn.o_proj",)),
+    fused={"self_attn.qkv_proj": _ATTN},
+    smooth=(
+        SmoothMapping("input_layernorm", _ATTN, NORM),
+        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",), LINEAR),  # GQA: skipped
+    ),
+    moe=MoESpec(stored_block="block_sparse_moe", gate="w1", down="w2", up="w3"),
+)
+
+# Qwen3-MoE: sparse layers, and dense ones where the config says (mlp_only_layers,
+# decoder_sparse_step): those keep the Llama MLP.
+QWEN3_MOE = ArchSpec(
+    family="Qwen3-MoE",
+    model_types=("qwen3_moe",),
+    layers_path="model.layers",
+    input_groups=LLAMA_LIKE.input_groups,
+    fused=_VLLM_FUSES_APART,
+    smooth=LLAMA_LIKE.smooth,
+    moe=MoESpec(),
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA_LIKE, GEMMA, PHI3, MIXTRAL, QWEN3_MOE)
 
 
 def supported() -> str:
     """'Llama (llama, mistral, ...), Gemma 2/3 (...), ...' for error messages."""
     return "; ".join(f"{spec.family}: {', '.join(spec.model_types)}" for spec in ARCHITECTURES)
+
+
+def find_arch(model_type: str | None) -> ArchSpec | None:
+    """The spec for a transformers `model_type`, or None."""
+    return next((spec for spec in ARCHITECTURES if model_type in spec.model_types), None)
 
 
 def arch_for(model_type: str) -> ArchSpec:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfmp_serve.arch import ARCHITECTURES
+from sfmp_serve.arch import ARCHITECTURES, ArchSpec, find_arch
 from sfmp_serve.errors import FormatError, SFMPError, one_line
+from sfmp_serve.experts import unroll_experts
 from sfmp_serve.format import all_finite, read_hf_config
 from sfmp_serve.shards import INDEX_FILE
 from sfmp_serve.weights_file import read_header
@@ -86,7 +87,9 @@ def weight_files(path: Path) -> list[Path]:
 
 def empty_model(path: Path, hf_config: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
     """The causal LM of config.json with meta parameters, real (computed) buffers and its
-    embeddings tied when the config says so: its names and shapes, at no memory cost."""
+    embeddings tied when the config says so: its names and shapes, at no memory cost. The
+    experts of a mixture-of-experts family of sfmp_serve.arch are unrolled into one linear per
+    expert and projection, as checkpoints store them (sfmp_serve.experts)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -99,7 +102,22 @@ def empty_model(path: Path, hf_config: Mapping[str, Any], dtype: torch.dtype) ->
         raise SFMPError(f"{path}/config.json: transformers cannot build a causal LM from it "
                         f"({one_line(e)})") from e
     model.tie_weights()
+    spec = find_arch(hf_config.get("model_type"))
+    if spec is not None:
+        unroll_experts(model, spec)
     return model
+
+
+def model_spec(model: nn.Module) -> ArchSpec | None:
+    """The architecture table's entry of a transformers model, if it has one."""
+    return find_arch(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def module_name(model: nn.Module, name: str) -> str:
+    """The model's name of a module the checkpoint calls `name` (Mixtral's block_sparse_moe
+    is transformers' mlp); a model name is returned as it is."""
+    spec = model_spec(model)
+    return name if spec is None else spec.model_key(name)
 
 
 def _shape(dims: Sequence[int]) -> str:
@@ -111,12 +129,16 @@ def check_stored(model: nn.Module, stored: Mapping[str, Sequence[int]],
                  strict: bool = True) -> None:
     """Every parameter of `model` (but `skip`) is in `stored` ({name: shape}, held in `files`,
     of the directory `path`) at the model's shape; strict: and nothing else is stored.
-    SFMPError naming the file and tensor."""
+    Names are the checkpoint's (ArchSpec.stored_key of the model's). SFMPError naming the file
+    and tensor."""
     def at(key: str) -> str:
         return f"{files.get(key, path)}: tensor {key}"
 
+    spec = model_spec(model)
+    stored_key = spec.stored_key if spec is not None else (lambda k: k)
     name = type(model).__name__
-    expected = {k: tuple(t.shape) for k, t in model.state_dict().items() if k not in skip}
+    expected = {stored_key(k): tuple(t.shape) for k, t in model.state_dict().items()}
+    expected = {k: shape for k, shape in expected.items() if k not in skip}
     for key in sorted(stored):
         if key not in expected:
             if strict:
@@ -127,9 +149,9 @@ def check_stored(model: nn.Module, stored: Mapping[str, Sequence[int]],
                               f"{_shape(expected[key])} in the {name} model of config.json")
     # A tied parameter (lm_head tied to the embeddings) is stored once, under its source's name;
     # before transformers ties them, a model still lists both.
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [n for n, _ in model.named_parameters()
-               if n not in skip and n not in tied and n not in stored]
+    tied = {stored_key(k) for k in getattr(model, "all_tied_weights_keys", None) or {}}
+    params = [stored_key(n) for n, _ in model.named_parameters()]
+    missing = [n for n in params if n not in skip and n not in tied and n not in stored]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise FormatError(f"{at(missing[0])}: missing from the checkpoint (the {name} model of "
@@ -139,9 +161,9 @@ def check_stored(model: nn.Module, stored: Mapping[str, Sequence[int]],
 def check_model_dir(model_dir: str | os.PathLike) -> dict[str, Any]:
     """config.json of a readable causal LM directory with safetensors weights; SFMPError
     naming the file for anything transformers would fail on with a traceback. For the
-    architectures of sfmp_serve.arch (whose checkpoints use the model's own tensor names),
-    also every parameter stored at its shape: transformers would initialise a missing one at
-    random and carry on."""
+    architectures of sfmp_serve.arch (whose checkpoint names the table knows), also every
+    parameter stored at its shape: transformers would initialise a missing one at random and
+    carry on."""
     path = Path(model_dir)
     if not path.is_dir():
         raise SFMPError(f"{path}: model directory does not exist")

@@ -8,7 +8,12 @@ import of sfmp_serve.hf) registers the "sfmp" config and quantizer: before loadi
 checkpoint is read and checked as `load_sfmp_model` checks it (checksums, structure, finite
 values, every parameter of the model present at its shape) and each listed linear becomes an
 SFMPLinear with empty buffers shaped like the checkpoint's tensors; transformers fills them by
-name; after loading, every layer is validated again as transformers stored it.
+name; after loading, every layer is validated again as transformers stored it. In a
+mixture-of-experts model, the sparse layers whose experts are quantized get their experts as
+one module per expert and projection (sfmp_serve.experts), named as the checkpoint names them
+(transformers still renames the block, Mixtral's block_sparse_moe -> mlp); sparse layers left
+unquantized keep transformers' stacked experts, which transformers fills from the per-expert
+tensors itself.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sfmp_serve.errors import SFMPError
+from sfmp_serve.experts import moe_layers, unroll_experts
 from sfmp_serve.format import (QUANT_METHOD, TENSOR_SUFFIXES, TRANSFORMERS_GUARD_KEY,
                                PackedLinear, SFMPConfig, load_checkpoint)
 from sfmp_serve.hf.linear import SFMPLinear, replace_module
-from sfmp_serve.hf.model_check import check_complete
+from sfmp_serve.hf.model_check import check_complete, empty_model
+from sfmp_serve.model_dir import model_spec, module_name
 
 
 class SFMPQuantizationConfig(QuantizationConfigMixin):
@@ -70,20 +77,30 @@ class SFMPHfQuantizer(HfQuantizer):
         # The files are read and checked exactly as load_sfmp_model reads them (checksums,
         # structure, finite values, completeness) before transformers reads them again; on
         # the CPU, as transformers makes the meta device the default here.
+        spec = model_spec(model)
         with torch.device("cpu"):
             ckpt = load_checkpoint(Path(checkpoint_files[0]).parent, validate=False)
-            self._shapes = check_complete(model, ckpt.config,
+            # Checked against the model as the checkpoint stores it (experts unrolled).
+            reference = model if spec is None or spec.moe is None else empty_model(
+                ckpt.path, ckpt.hf_config, model.dtype)
+            self._shapes = check_complete(reference, ckpt.config,
                                           {k: t.shape for k, t in ckpt.tensors.items()},
                                           ckpt.files, ckpt.path)
             ckpt.validate(self._shapes)
         config = self.quantization_config.sfmp
+        if spec is not None and spec.moe is not None:
+            quantized = set(config.quantized_modules)
+            unroll_experts(model, spec, [
+                i for i in moe_layers(model, spec)
+                if spec.stored_key(f"{spec.layers_path}.{i}.{spec.moe.expert_linears(0)[0]}")
+                in quantized])
         for name in config.quantized_modules:
             replace_module(model, name, SFMPLinear(_empty_packed(name, ckpt.tensors), config))
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         config = self.quantization_config.sfmp
         for name in config.quantized_modules:
-            module = model.get_submodule(name)
+            module = model.get_submodule(module_name(model, name))
             packed = module.packed()
             # transformers casts floating tensors to the requested dtype; validate as stored.
             packed.alpha = packed.alpha.to(config.torch_act_dtype)

@@ -19,6 +19,7 @@ from torch import nn
 
 from sfmp_serve.errors import FormatError, SFMPError
 from sfmp_serve.format import TENSOR_SUFFIXES, PackedLinear, SFMPConfig
+from sfmp_serve.model_dir import module_name
 from sfmp_serve.ops import api
 from sfmp_serve.ops.reference import dequantize, sfmp_linear_reference
 from sfmp_serve.ops.runtime import fuse_shards
@@ -117,9 +118,10 @@ def dequantize_linears(model: nn.Module) -> int:
 
 
 def find_linear(model: nn.Module, name: str) -> nn.Linear:
-    """The nn.Linear called `name`; FormatError if the model has none (config/model mismatch)."""
+    """The nn.Linear the checkpoint calls `name`; FormatError if the model has none
+    (config/model mismatch)."""
     try:
-        module = model.get_submodule(name)
+        module = model.get_submodule(module_name(model, name))
     except AttributeError:
         module = None
     if not isinstance(module, nn.Linear):
@@ -129,8 +131,8 @@ def find_linear(model: nn.Module, name: str) -> nn.Linear:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` where the submodule `name` is."""
-    parent_name, _, child = name.rpartition(".")
+    """Put `new` where the submodule `name` (the checkpoint's or the model's name) is."""
+    parent_name, _, child = module_name(model, name).rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 

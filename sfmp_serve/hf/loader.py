@@ -2,7 +2,9 @@
 
 Loading follows gpt-fast: build the model with empty (meta) parameters, swap every quantized
 linear for an SFMPLinear holding the checkpoint's packed tensors, assign the remaining tensors,
-tie the embeddings. No dense weight of a quantized linear is ever materialised.
+tie the embeddings. No dense weight of a quantized linear is ever materialised. The experts of
+a mixture-of-experts model are one module per expert and projection (sfmp_serve.experts), as
+the checkpoint stores them.
 """
 
 from __future__ import annotations
@@ -15,22 +17,34 @@ import torch
 from torch import nn
 
 from sfmp_serve.errors import SFMPError, one_line
+from sfmp_serve.experts import unroll_experts
 from sfmp_serve.format import Checkpoint, PackedLinear, SFMPConfig, load_checkpoint
 from sfmp_serve.hf.linear import (SFMPLinear, check_bias, dequantize_linears, find_linear,
                                   replace_module)
 from sfmp_serve.hf.model_check import check_complete, empty_model
+from sfmp_serve.model_dir import model_spec, module_name
 
 log = logging.getLogger(__name__)
 
 
 def quantize_in_memory(model: nn.Module, packed: Mapping[str, PackedLinear],
-                       config: SFMPConfig) -> nn.Module:
-    """Replace the linears named in `packed` by SFMPLinear (in place; returns the model).
+                       config: SFMPConfig,
+                       tensors: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace the linears named in `packed` (checkpoint names) by SFMPLinear (in place;
+    returns the model). `tensors`: other tensors by checkpoint name (the pipeline's
+    extra_tensors: AWQ's folded norms and routers), loaded under the model's names first.
 
     Each PackedLinear is validated against the linear it replaces. A PackedLinear without a
     bias keeps the model's own bias, so the pipeline's in-memory result and the loaded
-    checkpoint compute the same function.
+    checkpoint compute the same function. A mixture-of-experts model's stacked experts are
+    first unrolled into one linear per expert and projection, as a loaded checkpoint has them.
     """
+    spec = model_spec(model)
+    if spec is not None:
+        unroll_experts(model, spec)
+    if tensors:
+        model.load_state_dict({module_name(model, k): v for k, v in tensors.items()},
+                              strict=False)
     for name, p in packed.items():
         linear = find_linear(model, name)
         p.validate(name, config, (linear.out_features, linear.in_features))
@@ -44,7 +58,7 @@ def _load_rest(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> None:
     """Assign every tensor that is not part of a quantized linear (names and shapes were
     checked by check_complete), then tie the embeddings."""
     quantized = set(ckpt.config.quantized_modules)
-    rest = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+    rest = {module_name(model, key): tensor.to(dtype) if tensor.is_floating_point() else tensor
             for key, tensor in ckpt.tensors.items() if key.rpartition(".")[0] not in quantized}
     model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()

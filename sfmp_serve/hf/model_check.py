@@ -6,7 +6,8 @@ anything: vLLM's own loader does not insist on completeness for quantized models
 serve a model whose final norm is missing). The model is built on the meta device
 (model_dir.empty_model), so the check costs no memory: every quantized linear exists with the
 stored shape and bias, every other parameter is stored at its shape, and nothing is stored that
-the model does not have.
+the model does not have. Names are the checkpoint's; a mixture-of-experts model has its experts
+unrolled into one linear per expert and projection (sfmp_serve.experts), as they are stored.
 """
 
 from __future__ import annotations
