@@ -140,7 +140,7 @@ def layer_unit(loaded: LoadedModel, config: SFMPConfig, geos: Mapping[str, Layer
     tensors = {}
     layer = decoder_layers(loaded.model, loaded.spec)[result.index]
     for local in layer.state_dict():
-        key = f"{prefix}.{local}"
+        key = loaded.spec.stored_key(f"{prefix}.{local}")  # MoE: the checkpoint's block name
         if key not in skip:
             value = changed[key] if key in changed else loaded.read(key)
             tensors[key] = _checked(key, _orig(loaded, key, value))
@@ -156,6 +156,7 @@ def unquantized_nbytes(loaded: LoadedModel, quantized: Iterable[str]) -> int:
     seen: set[int] = set()
     total = 0
     for key, tensor in loaded.model.state_dict().items():
+        key = loaded.spec.stored_key(key)
         if key in skip:
             continue
         if not tensor.is_meta and tensor.numel():

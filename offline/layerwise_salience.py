@@ -123,7 +123,8 @@ def _layer_backward(layer: nn.Module, weights: dict[str, torch.Tensor], inputs: 
         _layer_output(layer(x, **kwargs)).backward(grad)
         for name, w in weights.items():
             acc = fisher.setdefault(name, torch.zeros(w.shape, dtype=torch.float32))
-            acc.add_((w.grad * w.grad).cpu())
+            if w.grad is not None:  # None: an expert no token of this sequence reached
+                acc.add_((w.grad * w.grad).cpu())
             w.grad = None
         below.append(x.grad)
     for w in weights.values():

@@ -4,6 +4,9 @@ The model is loaded in the dtype it was saved in (to remember every tensor's ori
 the activation dtype), then converted to float32 for calibration, salience and quantization.
 `load_streamed` is the low-memory form: everything outside the decoder layers in float32, the
 layers on the meta device, read one at a time from the safetensors files when a stage needs them.
+The experts of a mixture-of-experts model are unrolled into one linear per expert and
+projection (sfmp_serve.experts) right after loading. Tensor names in LoadedModel (`read`,
+`orig_dtypes`) are the checkpoint's; modules are reached by the model's names.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from offline.streaming import SafetensorsSource, load_skeleton
 from offline.targets import TargetSet, decoder_layers, find_targets
 from sfmp_serve.arch import ArchSpec, arch_for
 from sfmp_serve.errors import SFMPError, one_line
+from sfmp_serve.experts import unroll_experts
 from sfmp_serve.format import ACT_DTYPES, read_hf_config
 from sfmp_serve.model_dir import (check_causal_lm_config, check_finite, check_model_dir,
                                   load_error)
@@ -38,7 +42,7 @@ class LoadedModel:
     spec: ArchSpec
     model: nn.Module  # float32, eval mode
     targets: TargetSet  # what gets quantized, in model order
-    orig_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # state-dict key -> dtype
+    orig_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # checkpoint key -> dtype
     act_dtype: torch.dtype = torch.float32
     # Set by load_streamed: the decoder layers are on meta and are read from here per use.
     source: SafetensorsSource | None = None
@@ -53,10 +57,11 @@ class LoadedModel:
         return self.source is not None
 
     def read(self, key: str) -> torch.Tensor:
-        """A state-dict tensor in its stored dtype (from the checkpoint if streamed)."""
+        """A tensor by its checkpoint name, in its stored dtype (from the checkpoint if
+        streamed)."""
         if self.source is not None and key in self.source:
             return self.source.read([key])[key]
-        owner, _, attr = key.rpartition(".")  # a parameter or a persistent buffer
+        owner, _, attr = self.spec.model_key(key).rpartition(".")  # parameter or buffer
         tensor = getattr(self.model.get_submodule(owner), attr)
         return tensor.detach().to(self.orig_dtypes.get(key, tensor.dtype))
 
@@ -123,7 +128,8 @@ def load_model(model_dir: str | os.PathLike) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
     except Exception as e:  # the files passed the checks above; what is left is transformers'
         raise load_error(path, e) from e
-    orig_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    unroll_experts(model, spec)
+    orig_dtypes = {spec.stored_key(k): v.dtype for k, v in model.state_dict().items()}
     check_finite(model)
     targets = find_targets(model, spec)
     act_dtype = _checked_act_dtype(path, orig_dtypes[f"{next(iter(targets)).name}.weight"])
@@ -143,7 +149,8 @@ def load_streamed(model_dir: str | os.PathLike) -> LoadedModel:
     except Exception as e:  # the files passed the checks above; what is left is transformers'
         raise load_error(path, e) from e
     targets = find_targets(model, spec)
-    orig_dtypes = {k: source.dtype(k) for k in model.state_dict() if k in source}
+    stored = (spec.stored_key(k) for k in model.state_dict())
+    orig_dtypes = {k: source.dtype(k) for k in stored if k in source}
     act_dtype = _checked_act_dtype(path, orig_dtypes[f"{next(iter(targets)).name}.weight"])
     log.info("streaming %s: %d quantization targets, weights in %s, decoder layers read per "
              "use", path, len(targets), act_dtype)

@@ -5,8 +5,9 @@ Patterns are regular expressions searched in the full linear name (re.search, so
 matches every layer's and `^model\\.layers\\.0\\.` only layer 0's). Mistakes fail before any
 work, naming the pattern: a pattern that matches no target (embeddings and lm_head are never
 quantized, so matching them is no override), a linear both ignored and pinned or pinned to two
-widths, and an ignore that splits linears vLLM fuses into one layer (q/k/v, gate/up: vLLM
-serves a fused layer with one method, so they are quantized all or none).
+widths, and an ignore that splits linears vLLM fuses into one layer (q/k/v, gate/up, the
+experts of a sparse block: vLLM serves a fused layer with one method, so they are quantized all
+or none).
 """
 
 from __future__ import annotations
@@ -45,9 +46,16 @@ def _matching(targets: TargetSet, pattern: str, flag: str) -> list[str]:
 
 
 def _check_fused(targets: TargetSet, ignored: set[str]) -> None:
-    """An ignore may not split a layer vLLM fuses (it serves all of it one way)."""
+    """An ignore may not split a layer vLLM fuses (it serves all of it one way), nor the
+    experts of a sparse block (vLLM's FusedMoE layer holds them all)."""
     for index in sorted({t.layer for t in targets}):
         prefix = targets.layer_prefix(index)
+        experts = [t.name for t in targets if t.layer == index and t.expert is not None]
+        hit = [n for n in experts if n in ignored]
+        if hit and len(hit) != len(experts):
+            rest = next(n for n in experts if n not in ignored)
+            raise SFMPError(f"--ignore: {hit[0]} is ignored but {rest} not: vLLM serves the "
+                            f"experts of layer {index} as one layer; ignore all or none of them")
         for fused, members in targets.spec.fused.items():
             names = [f"{prefix}.{m}" for m in members if f"{prefix}.{m}" in targets]
             hit = [n for n in names if n in ignored]

@@ -262,7 +262,7 @@ def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: allo
         group_size=options.group_size, block_rows=options.block_rows,
         bit_choices=allocation.bit_choices, avg_bits=round(allocation.avg_bits, 6),
         bits_per_weight=0.0, act_dtype=act_dtype_name(loaded.act_dtype),
-        quantized_modules=selection.quantized, input_groups=loaded.spec.input_groups,
+        quantized_modules=selection.quantized, input_groups=loaded.targets.relative_groups(),
         target_bits=allocation.target_bits, method=quantizer.name, method_args=method_args,
         calibration=calibration)
     return config if stats is None else checkpoint_config(config, stats)

@@ -3,7 +3,9 @@
 F_ii = sum over calibration sequences of (d loss_seq / d w_i)^2, with loss_seq the mean LM loss
 of one sequence. Each backward pass sees one sequence, so each square is a per-sample square as
 the Fisher requires (squaring a batch-summed gradient would add cross terms). Computed in float32:
-bf16 gradients are too coarse to rank weights.
+bf16 gradients are too coarse to rank weights. A routed expert's weights get a gradient only
+from the tokens routed to it, so an expert that is rarely used ranks low on its own evidence
+(one that is never used has zero salience).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def fisher_diagonal(model: nn.Module, targets: TargetSet, tokens: torch.Tensor,
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             for name, w in weights.items():
-                fisher[name].addcmul_(w.grad, w.grad)
+                if w.grad is not None:  # None: an expert no token of this sequence reached
+                    fisher[name].addcmul_(w.grad, w.grad)
                 w.grad = None
     out = {}
     for name, f in fisher.items():

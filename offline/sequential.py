@@ -19,6 +19,12 @@ then), and can start at any layer given the hidden states entering it (a resumed
 Peak memory is one layer plus the calibration activations. With `SafetensorsSource` the layer
 weights are read lazily from the checkpoint (safe_open) and dropped afterwards, so a model
 larger than RAM streams through. Methods that need no inputs (RTN) skip every forward pass.
+
+Routed experts (mixture-of-experts layers, offline.targets) are captured where they run, so
+each sees only the tokens routed to it; an expert that received fewer calibration tokens than
+it has input columns (X^T X, on which GPTQ's Hessian and AWQ's searches rest, is then
+rank-deficient) is quantized with round-to-nearest instead, with a warning giving the count,
+and takes no part in AWQ's scale search.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from offline.quantizers.base import LinearContext, QuantizedCodes, Quantizer
-from offline.quantizers.blockwise import LinearPlan, dequantize_codes
+from offline.quantizers.blockwise import LinearPlan, dequantize_codes, quantize_minmax
 from offline.salience import resolve_device
 from offline.streaming import SafetensorsSource
 from offline.targets import Target, TargetSet, decoder_layers
@@ -50,7 +56,7 @@ __all__ = ["LayerInputs", "LayerResult", "SequentialResult", "catch_layer_inputs
 @dataclass
 class SequentialResult:
     codes: dict[str, QuantizedCodes]  # full target name -> codes of its reordered weight (CPU)
-    # Full state-dict names -> new values of parameters the method changed that are not the
+    # Checkpoint names -> new values of parameters the method changed that are not the
     # weights of quantized targets (AWQ's folded norms; biases), in their original dtype.
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
@@ -158,7 +164,8 @@ def _layer_output(out: Any) -> torch.Tensor:
 @torch.no_grad()
 def capture_inputs(layer: nn.Module, batches: _Batches, names: list[str],
                    stop: bool = True) -> dict[str, torch.Tensor]:
-    """Inputs [T, K] of the named modules over all batches (forward stops after the last)."""
+    """Inputs [T, K] of the named modules over all batches (forward stops after the last).
+    A module that never ran (a routed expert no token reached) is absent from the result."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     pending: set[str] = set()
 
@@ -181,7 +188,7 @@ def capture_inputs(layer: nn.Module, batches: _Batches, names: list[str],
     finally:
         for h in handles:
             h.remove()
-    return {n: torch.cat(v) for n, v in seen.items()}
+    return {n: torch.cat(v) for n, v in seen.items() if v}
 
 
 @torch.no_grad()
@@ -190,24 +197,38 @@ def run_layer(layer: nn.Module, batches: _Batches) -> list[torch.Tensor]:
     return [_layer_output(layer(h, **kw)) for h, kw in zip(batches.hidden, batches.kwargs)]
 
 
+def too_few_tokens(target: Target, inputs: torch.Tensor | None) -> bool:
+    """A routed expert whose calibration tokens cannot support a calibrated method (fewer
+    than its input columns): it falls back to round-to-nearest."""
+    return target.expert is not None and (inputs is None or inputs.shape[0] < target.in_features)
+
+
 def _quantize_group(layer: nn.Module, group: list[Target], plans: Mapping[str, LinearPlan],
-                    quantizer: Quantizer,
-                    inputs: torch.Tensor | None) -> dict[str, QuantizedCodes]:
-    """Quantize the targets of one input group and write their dequantized weights back."""
+                    quantizer: Quantizer, inputs: torch.Tensor | None,
+                    calibrated: bool = False) -> dict[str, QuantizedCodes]:
+    """Quantize the targets of one input group and write their dequantized weights back.
+    calibrated: the method reads inputs (`inputs` None then means no token reached them)."""
     out: dict[str, QuantizedCodes] = {}
     reordered: tuple[torch.Tensor, torch.Tensor] | None = None  # (perm, inputs[:, perm])
     for target in group:
         plan = plans[target.name]
         weight = target.weight(layer)
         context = LinearContext(name=target.name)
-        if inputs is not None:
+        fallback = calibrated and too_few_tokens(target, inputs)
+        if fallback and target is group[0]:  # one line per input group (gate+up, down)
+            log.warning("layer %s: routed %d calibration tokens, fewer than its %d inputs: "
+                        "quantized with RTN instead of %s", ", ".join(t.name for t in group),
+                        0 if inputs is None else inputs.shape[0], target.in_features,
+                        quantizer.name)
+        if not fallback and inputs is not None:
             # Targets of a group share one input order: reorder (and let GPTQ hash) once.
             if reordered is None or not torch.equal(reordered[0], plan.input_perm):
                 reordered = (plan.input_perm, plan.reorder_inputs(inputs))
             context = LinearContext(inputs=reordered[1], name=target.name)
         weight_r = plan.reorder(weight.to(torch.float32))
         try:
-            codes = quantizer.quantize(weight_r, plan.block_bits, plan.geometry, context)
+            codes = (quantize_minmax(weight_r, plan.block_bits, plan.geometry) if fallback else
+                     quantizer.quantize(weight_r, plan.block_bits, plan.geometry, context))
         except SFMPError as e:
             raise SFMPError(f"layer {target.name}: {e}") from e
         deq = plan.restore(dequantize_codes(codes, plan.geometry))
@@ -233,7 +254,8 @@ def _quantize_layer(layer: nn.Module, index: int, targets: TargetSet,
     if batches is not None and _prepares(quantizer):
         captured = capture_inputs(layer, batches, list(dict.fromkeys(t.capture
                                                                      for t in planned)))
-        fp_inputs = {t.local: captured[t.capture] for t in planned}
+        fp_inputs = {t.local: captured[t.capture] for t in planned
+                     if not too_few_tokens(t, captured.get(t.capture))}
         local = {t.local: plans[t.name] for t in planned}
         changed = quantizer.prepare_layer(layer, targets.spec, local, fp_inputs,
                                           targets.layer_prefix(index))
@@ -242,8 +264,9 @@ def _quantize_layer(layer: nn.Module, index: int, targets: TargetSet,
     for group in groups:
         inputs = None
         if batches is not None:
-            inputs = capture_inputs(layer, batches, [group[0].capture])[group[0].capture]
-        codes.update(_quantize_group(layer, group, plans, quantizer, inputs))
+            inputs = capture_inputs(layer, batches, [group[0].capture]).get(group[0].capture)
+        codes.update(_quantize_group(layer, group, plans, quantizer, inputs,
+                                     batches is not None))
     return codes, changed
 
 
@@ -253,8 +276,8 @@ class LayerResult:
 
     index: int
     codes: dict[str, QuantizedCodes]  # full target name -> codes of its reordered weight (CPU)
-    # Full state-dict names -> new values (float32, CPU) of parameters the method changed that
-    # are not weights of quantized targets (AWQ's folded norms; biases).
+    # Checkpoint names -> new values (float32, CPU) of parameters the method changed that
+    # are not weights of quantized targets (AWQ's folded norms and routers; biases).
     tensors: dict[str, torch.Tensor]
     # The quantized layer's outputs on the calibration batches: the inputs of layer index + 1
     # (None for methods without inputs). A resumed run starts from them.
@@ -296,10 +319,11 @@ def quantize_layers(model: nn.Module, targets: TargetSet, plans: Mapping[str, Li
         tensors = {}
         with materialised(layer, prefix, dev, source):
             codes, changed = _quantize_layer(layer, i, targets, plans, quantizer, batches)
-            quantized = {name[len(prefix) + 1:] + ".weight" for name in codes}
+            quantized = {targets[name].local + ".weight" for name in codes}
             for name in sorted(set(changed) - quantized):
-                tensors[f"{prefix}.{name}"] = layer.get_parameter(name).detach().to(
-                    "cpu", home_dtype if source is None else source.dtype(f"{prefix}.{name}"))
+                key = targets.spec.stored_key(f"{prefix}.{name}")
+                tensors[key] = layer.get_parameter(name).detach().to(
+                    "cpu", home_dtype if source is None else source.dtype(key))
             if batches is not None:
                 hidden = run_layer(layer, batches)
         yield LayerResult(i, codes, tensors, hidden if batches is not None else None)

@@ -2,7 +2,10 @@
 
 `load_skeleton` builds the causal LM with empty (meta) parameters and loads only what lives
 outside the decoder layers (embeddings, final norm, lm_head); `SafetensorsSource.load_module`
-then materialises one decoder layer at a time through safe_open (memory-mapped reads).
+then materialises one decoder layer at a time through safe_open (memory-mapped reads). A
+mixture-of-experts model's experts are unrolled on meta (sfmp_serve.experts), so each expert
+projection is read from its own checkpoint tensor under the checkpoint's name
+(ArchSpec.stored_key).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 
 from sfmp_serve.arch import ArchSpec
 from sfmp_serve.errors import SFMPError
+from sfmp_serve.experts import unroll_experts
 
 
 HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -26,8 +30,9 @@ HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
 class SafetensorsSource:
     """Which file holds each tensor of a checkpoint directory, and reads on demand."""
 
-    def __init__(self, model_dir: str | os.PathLike) -> None:
+    def __init__(self, model_dir: str | os.PathLike, spec: ArchSpec | None = None) -> None:
         self.model_dir = Path(model_dir)
+        self.spec = spec  # translates the model's module names to the checkpoint's
         files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
             raise SFMPError(f"{model_dir}: no *.safetensors files")
@@ -72,9 +77,12 @@ class SafetensorsSource:
 
     def load_module(self, module: nn.Module, prefix: str, device: torch.device | str,
                     dtype: torch.dtype) -> None:
-        """Materialise every parameter and persistent buffer of `module` from `prefix.*`."""
+        """Materialise every parameter and persistent buffer of `module` (the model's module
+        `prefix`) from the checkpoint, names translated by the spec (ArchSpec.stored_key)."""
         names = list(module.state_dict().keys())  # parameters and persistent buffers
         keys = {n: f"{prefix}.{n}" if prefix else n for n in names}
+        if self.spec is not None:
+            keys = {n: self.spec.stored_key(k) for n, k in keys.items()}
         tensors = self.read(list(keys.values()))
         state = {n: tensors[k].to(device, dtype if tensors[k].is_floating_point() else None)
                  for n, k in keys.items()}
@@ -91,7 +99,8 @@ def load_skeleton(model_dir: str | os.PathLike, spec: ArchSpec,
     config.use_cache = False
     with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) stay real
         model = AutoModelForCausalLM.from_config(config)
-    source = SafetensorsSource(model_dir)
+    unroll_experts(model, spec)
+    source = SafetensorsSource(model_dir, spec)
     layers_prefix = spec.layers_path + "."
     outside = [n for n, p in model.named_parameters()
                if not n.startswith(layers_prefix) and n in source]

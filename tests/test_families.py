@@ -23,6 +23,7 @@ from offline.quantizers.awq import fold_layer, fold_problem
 from offline.targets import find_targets
 from sfmp_serve.arch import ARCHITECTURES, LINEAR, NORM, OFFSET_NORM, arch_for
 from sfmp_serve.errors import SFMPError
+from sfmp_serve.experts import unroll_experts
 from sfmp_serve.hf import load_sfmp_model, quantize_in_memory
 from tests.tiny import FAMILY_MODELS, make_family_model
 
@@ -38,7 +39,10 @@ def family(request, tmp_path_factory):
 
 
 def load(path) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    """The model as every stage sees it: a MoE family's experts one linear per expert."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    unroll_experts(model, arch_for(model.config.model_type))
+    return model
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -65,10 +69,11 @@ def test_table_entry_matches_the_model(family):
     spec = arch_for(model_type)
     targets = find_targets(model, spec)
     layers = model.get_submodule(spec.layers_path)
-    assert len(targets) == len(layers) * len(spec.linears)
-    for layer in layers:  # no decoder linear forgotten, none listed twice
+    listed = [[n for g in spec.layer_groups(layer) for n in g] for layer in layers]
+    assert len(targets) == sum(map(len, listed))
+    for layer, names in zip(layers, listed):  # no decoder linear forgotten, none listed twice
         linears = sorted(n for n, m in layer.named_modules() if isinstance(m, nn.Linear))
-        assert linears == sorted(spec.linears) and len(set(spec.linears)) == len(spec.linears)
+        assert linears == sorted(names) and len(set(names)) == len(names)
     seen: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(f"{spec.layers_path}.{t.layer}.{t.capture}")
              .register_forward_pre_hook(lambda _m, args, name=t.name: seen.__setitem__(
@@ -76,17 +81,24 @@ def test_table_entry_matches_the_model(family):
     logits(model)
     for h in hooks:
         h.remove()
+    # Every dense linear runs; a routed expert may receive none of these 14 tokens.
+    assert all(t.name in seen for t in targets if t.expert is None)
     group_of = {name: group for group in targets.groups for name in group}
     for a in targets:  # same input <=> same input group
         for b in targets:
-            if a.layer == b.layer:
+            if a.layer == b.layer and a.name in seen and b.name in seen:
                 same = seen[a.name].shape == seen[b.name].shape and torch.equal(seen[a.name],
                                                                                 seen[b.name])
                 assert same == (group_of[a.name] == group_of[b.name]), (a.name, b.name)
-    for mapping in spec.smooth:  # a fold scales one input group, from a module that exists
-        assert spec.group_of(mapping.linears[0]) == mapping.linears
-        assert mapping.kind in (NORM, OFFSET_NORM, LINEAR)
-        layers[0].get_submodule(mapping.prev)
+    for layer in layers:  # a fold scales input groups, from a module that exists
+        groups = spec.layer_groups(layer)
+        for mapping in spec.layer_smooth(layer):
+            # one input group; a routed mapping: whole groups, each expert's own tokens
+            covered = [g for g in groups if set(g) <= set(mapping.linears)]
+            assert sum(map(len, covered)) == len(mapping.linears)
+            assert len(covered) == 1 or mapping.routed
+            assert mapping.kind in (NORM, OFFSET_NORM, LINEAR)
+            layer.get_submodule(mapping.prev)
 
 
 def test_fused_layers_are_vllms_packed_modules(family):
@@ -101,6 +113,8 @@ def test_fused_layers_are_vllms_packed_modules(family):
              for fused, names in spec.fused.items()}
     # vLLM's mapping of a layer to itself is a linear stored fused (Phi-3): not in `fused`
     split = {k: list(v) for k, v in vllm_mapping.items() if list(v) != [k]}
+    if getattr(load(path).config, "mlp_only_layers", None):  # vLLM adds it per instance then
+        split.setdefault("gate_up_proj", ["gate_proj", "up_proj"])
     assert table == split
     stored = {name.rpartition(".")[2] for name in spec.linears}
     for layer_name, members in vllm_mapping.items():  # every shard vLLM loads is stored
@@ -144,16 +158,21 @@ def test_random_awq_scales_fold_exactly(family, caplog):
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-4)
     config = model.config
     gqa = config.num_key_value_heads < config.num_attention_heads
+    layers = model.get_submodule(spec.layers_path)
+    per_layer = [spec.layer_smooth(layer) for layer in layers]
     # Exactly the value -> output fold is impossible under GQA; it is skipped with one warning.
-    expected = {m.linears for m in spec.smooth if gqa and m.linears == ("self_attn.o_proj",)}
+    expected = {m.linears for smooth in per_layer for m in smooth
+                if gqa and m.linears == ("self_attn.o_proj",)}
     assert skipped == expected
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == len(expected) and all("skipping" in w for w in warnings)
-    assert done == (len(spec.smooth) - len(expected)) * config.num_hidden_layers
+    assert done == sum(len(smooth) for smooth in per_layer) - len(expected) * len(layers)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
-    for mapping in spec.smooth:
-        if mapping.linears not in skipped:
-            assert f"{spec.layers_path}.0.{mapping.prev}.weight" in changed, mapping.prev
+    for i, smooth in enumerate(per_layer):
+        for mapping in smooth:
+            if mapping.linears not in skipped:  # a MoE router takes the norm's scale too
+                for name in (mapping.prev, *mapping.also):
+                    assert f"{spec.layers_path}.{i}.{name}.weight" in changed, name
 
 
 def test_a_wrong_fold_kind_changes_the_logits(tmp_path):
@@ -190,9 +209,8 @@ def test_quantize_save_load_gives_the_in_memory_logits(family, tmp_path):
                               method="awq")
     result = quantize_model(path, options)
     ckpt = save_result(result, path, tmp_path / "ckpt")
-    in_memory = load(path)
-    in_memory.load_state_dict(result.extra_tensors, strict=False)  # AWQ's folded norms
-    quantize_in_memory(in_memory, result.packed, result.config)
+    in_memory = quantize_in_memory(load(path), result.packed, result.config,
+                                   result.extra_tensors)  # AWQ's folded norms (and routers)
     want = logits(in_memory)
     assert torch.equal(logits(load_sfmp_model(ckpt)), want)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(ckpt).eval()), want)

@@ -81,6 +81,12 @@ FAMILY_MODELS: dict[str, dict] = {
     "gemma3_text": dict(heads=2, kv_heads=1, head_dim=256, sliding_window=8,
                         layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(hidden=128, heads=2, kv_heads=2),  # fused qkv_proj / gate_up_proj, head_dim 64
+    # 4 experts of 72 (ragged in groups of 32), top-2: every layer sparse
+    "mixtral": dict(heads=3, kv_heads=1, intermediate=72, num_local_experts=4,
+                    num_experts_per_tok=2),
+    # layer 0 dense (mlp_only_layers), layer 1 sparse: 4 experts of 72, top-2, renormalised
+    "qwen3_moe": dict(heads=3, kv_heads=1, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=72, mlp_only_layers=[0], norm_topk_prob=True),
 }
 
 
@@ -108,3 +114,25 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0,
     make_tokenizer().save_pretrained(out)
     GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(out)
     return out
+
+
+def starve_expert(model_dir: str | Path, expert: int, channel: int = 0) -> Path:
+    """Rewrite a tiny MoE model (stacked experts, as transformers builds it) so that no token
+    is ever routed to `expert` in any sparse layer: the residual stream's `channel` is a
+    positive constant (every embedding row has 1.0 there, and no attention or MLP output
+    writes to it), and the router row of `expert` reads only that channel, with weight -50,
+    so its logit is far below every other expert's."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, channel] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[channel] = 0
+            block = getattr(layer, "mlp")
+            if hasattr(block, "experts"):
+                block.experts.down_proj[:, channel] = 0  # [E, hidden, intermediate]
+                block.gate.weight[expert] = 0
+                block.gate.weight[expert, channel] = -50.0
+            else:
+                block.down_proj.weight[channel] = 0
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return Path(model_dir)

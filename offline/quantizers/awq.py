@@ -18,6 +18,12 @@ token, and a candidate costs N x K x K instead of N x K x T.
 
 The "module output" of a mapping is the concatenated output of its linears (not the whole
 attention or MLP block): cheap, and the same objective for every architecture in the table.
+
+Mixture-of-experts layers: the norm before the sparse block absorbs one scale for every
+expert's gate and up projection (a `routed` mapping: each expert is scored on the tokens routed
+to it, and an expert with too few of them is scaled but not scored) and the router's weight
+columns are multiplied by the same scale, so routing is unchanged; each expert's up rows absorb
+its own down projection's scale.
 """
 
 from __future__ import annotations
@@ -64,15 +70,18 @@ def scaled_output_error(g: torch.Tensor, weights: Sequence[torch.Tensor],
     return _reordered_error(*_reordered(g, weights, plans), scales)
 
 
-def _reordered(g: torch.Tensor, weights: Sequence[torch.Tensor], plans: Sequence[LinearPlan],
+def _reordered(g: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+               plans: Sequence[LinearPlan],
                ) -> tuple[list[tuple[torch.Tensor, LinearPlan]], dict[int, torch.Tensor]]:
-    """Weights and Grams in each linear's reordered order (one Gram per input order)."""
+    """Weights and Grams in each linear's reordered order (one Gram per input order; `g` is
+    every linear's Gram, or one per linear when they read different tokens)."""
     linears = [(p.reorder(w.to(torch.float32)), p) for w, p in zip(weights, plans)]
+    per_linear = [g] * len(plans) if isinstance(g, torch.Tensor) else list(g)
     grams = {}
-    for p in plans:
+    for gi, p in zip(per_linear, plans):
         if id(p.input_perm) not in grams:
-            perm = p.input_perm.to(g.device)
-            grams[id(p.input_perm)] = g[perm][:, perm]
+            perm = p.input_perm.to(gi.device)
+            grams[id(p.input_perm)] = gi[perm][:, perm]
     return linears, grams
 
 
@@ -89,13 +98,24 @@ def _reordered_error(linears: Sequence[tuple[torch.Tensor, LinearPlan]],
     return total / count
 
 
-def search_scales(x: torch.Tensor, weights: Sequence[torch.Tensor],
+def search_scales(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                   plans: Sequence[LinearPlan], grid: int = 20) -> tuple[torch.Tensor, float]:
-    """Best per-input-channel scale [K] for linears reading x [T, K]; returns (s, ratio)."""
-    x = x.to(torch.float32)
-    # Every candidate is scored on all tokens through the Gram matrix, at the cost of K x K.
-    linears, grams = _reordered(gram(x), weights, plans)
-    x_mean = x.abs().mean(0)
+    """Best per-input-channel scale [K] for linears reading x [T, K]; returns (s, ratio).
+    `x` may be one input per linear (routed experts: each its own tokens); the candidate scales
+    then come from all of them, each linear is scored on its own."""
+    xs = [x] * len(weights) if isinstance(x, torch.Tensor) else list(x)
+    first: dict[int, torch.Tensor] = {}  # linears of one input group read one tensor
+    xs = [first.setdefault(id(p.input_perm), xi) for xi, p in zip(xs, plans)]
+    as_f32: dict[int, torch.Tensor] = {}
+    grams: dict[int, torch.Tensor] = {}
+    for xi in xs:
+        if id(xi) not in as_f32:
+            as_f32[id(xi)] = xi.to(torch.float32)
+            # Every candidate is scored on all tokens through the Gram matrix, at K x K.
+            grams[id(xi)] = gram(as_f32[id(xi)])
+    linears, grams = _reordered([grams[id(xi)] for xi in xs], weights, plans)
+    distinct = list(as_f32.values())
+    x_mean = (distinct[0] if len(distinct) == 1 else torch.cat(distinct)).abs().mean(0)
     best_err, best_ratio = float("inf"), 0.0
     for i in range(grid):
         ratio = i / grid
@@ -115,6 +135,10 @@ def fold_problem(layer: nn.Module, mapping: SmoothMapping, in_features: int) -> 
     if not isinstance(weight, torch.Tensor):
         return f"{mapping.prev} has no weight to absorb the scale"
     bias = getattr(prev, "bias", None)
+    for name in mapping.also:
+        other = getattr(_submodule(layer, name), "weight", None)
+        if not isinstance(other, torch.Tensor) or other.shape[-1] != in_features:
+            return f"{name} has no weight of {in_features} input columns to take the scale"
     if mapping.kind in (NORM, OFFSET_NORM):
         if tuple(weight.shape) != (in_features,):
             return f"norm {mapping.prev} weight has shape {tuple(weight.shape)}, " \
@@ -150,6 +174,13 @@ def _absorb(p: torch.Tensor, kind: str, s: torch.Tensor, chunk: tuple[int, int])
         p.copy_((p.to(torch.float32) / s).to(p.dtype))
 
 
+def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 @torch.no_grad()
 def fold_scales(layer: nn.Module, mapping: SmoothMapping, scales: torch.Tensor) -> list[str]:
     """prev's output /= s (norm weight, or previous linear's rows), linears' columns *= s.
@@ -167,7 +198,7 @@ def fold_scales(layer: nn.Module, mapping: SmoothMapping, scales: torch.Tensor) 
         kind = NORM if (mapping.kind == OFFSET_NORM and pname == "bias") else mapping.kind
         _absorb(p, kind, scales.to(device=p.device, dtype=torch.float32), mapping.chunk)
         changed.append(f"{mapping.prev}.{pname}")
-    for name in mapping.linears:
+    for name in mapping.linears + mapping.also:
         w = layer.get_submodule(name).weight
         w.copy_((w.to(torch.float32) * scales.to(w.device)[None, :]).to(w.dtype))
         changed.append(f"{name}.weight")
@@ -188,7 +219,7 @@ def fold_layer(layer: nn.Module, spec: ArchSpec, scale_for: ScaleChooser,
     """
     warned = set() if warned is None else warned
     changed: list[str] = []
-    for mapping in spec.smooth:
+    for mapping in spec.layer_smooth(layer):
         try:
             in_features = layer.get_submodule(mapping.linears[0]).in_features
         except AttributeError:
@@ -208,8 +239,10 @@ def _warn_skip(layer_name: str, mapping: SmoothMapping, reason: str,
     # Same reason in every layer of a model: warn once per mapping, then only debug.
     log_fn = log.debug if mapping.linears in warned else log.warning
     warned.add(mapping.linears)
+    names = ", ".join(mapping.linears[:4]) + (f", ... ({len(mapping.linears)} linears)"
+                                              if len(mapping.linears) > 4 else "")
     log_fn("AWQ %s: cannot fold a scale for %s into %s exactly (%s); skipping scaling for "
-           "this group", layer_name or "layer", ", ".join(mapping.linears), mapping.prev, reason)
+           "this group", layer_name or "layer", names, mapping.prev, reason)
 
 
 def clip_shrink_grid(grid: int, max_shrink: float) -> list[float]:
@@ -288,14 +321,18 @@ class AWQQuantizer(Quantizer):
         full-precision inputs [T, K] in the original column order. Returns changed parameters.
         """
         def search(mapping: SmoothMapping, in_features: int) -> torch.Tensor | None:
-            if not all(name in plans and name in inputs for name in mapping.linears):
+            # Routed experts without enough tokens have no inputs here: scaled, not scored.
+            scored = [n for n in mapping.linears if n in inputs]
+            if (not all(name in plans for name in mapping.linears) or not scored
+                    or (not mapping.routed and len(scored) != len(mapping.linears))):
                 log.debug("AWQ %s: %s not all quantized; no scaling", layer_name,
-                          mapping.linears)
+                          mapping.linears[:4])
                 return None
-            weights = [layer.get_submodule(n).weight for n in mapping.linears]
-            scales, ratio = search_scales(inputs[mapping.linears[0]], weights,
-                                          [plans[n] for n in mapping.linears], self.config.grid)
-            log.debug("AWQ %s: %s <- %s ratio %.2f", layer_name, mapping.linears,
+            weights = [layer.get_submodule(n).weight for n in scored]
+            x = [inputs[n] for n in scored] if mapping.routed else inputs[mapping.linears[0]]
+            scales, ratio = search_scales(x, weights, [plans[n] for n in scored],
+                                          self.config.grid)
+            log.debug("AWQ %s: %s <- %s ratio %.2f", layer_name, mapping.linears[:4],
                       mapping.prev, ratio)
             return scales
 

@@ -64,11 +64,12 @@ def test_streamed_checkpoint_equals_the_in_memory_one(biased_bf16, calib_text, t
         torch.testing.assert_close(streamed[key], memory[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "mixtral", "qwen3_moe"])
 def test_streamed_equals_in_memory_for_every_layout(model_type, calib_text, tmp_path,
                                                     monkeypatch):
     """Gemma 3's sliding-window and full layers get different masks and rotary tables (each
-    layer's own arguments are caught), Phi-3 stores fused linears."""
+    layer's own arguments are caught), Phi-3 stores fused linears, Mixtral and Qwen3-MoE
+    read each expert projection from its own tensor (Mixtral under another block name)."""
     model_dir = make_family_model(tmp_path / "model", model_type)
     memory, streamed = memory_and_streamed(model_dir, "awq", calib_text, tmp_path,
                                            monkeypatch)
