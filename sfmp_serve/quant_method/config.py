@@ -1,5 +1,7 @@
 """vLLM QuantizationConfig adapter for SFMP checkpoints: parses quantization_config, picks a
-method per layer. No kernel rules here (those live in sfmp_serve/ops)."""
+method per layer (SFMPLinearMethod for linears, SFMPMoEMethod for the routed experts of a
+FusedMoE layer; routers are plain linears that stay unquantized). No kernel rules here
+(those live in sfmp_serve/ops)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import logging
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import (QuantizationConfig,
                                                                  QuantizeMethodBase)
@@ -91,8 +94,31 @@ class SFMPQuantConfig(QuantizationConfig):
                     return [head + n for n in names]
         return [prefix]
 
+    def _moe_method(self, layer: Any, prefix: str) -> QuantizeMethodBase | None:
+        """The method of a FusedMoE layer (`prefix`: <layer>.<block>.experts): SFMP when every
+        expert's projections are quantized, vLLM's unquantized one (None) when none is."""
+        names = {"w1": layer.ckpt_gate_proj_name, "w3": layer.ckpt_up_proj_name,
+                 "w2": layer.ckpt_down_proj_name}
+        stored = [f"{prefix}.{e}.{n}" for e in range(layer.global_num_experts)
+                  for n in names.values()]
+        quantized = [n for n in stored if n in self.modules]
+        if not quantized:
+            return None
+        if len(quantized) != len(stored):
+            missing = next(n for n in stored if n not in self.modules)
+            raise SFMPError(f"layer {prefix}: vLLM serves its experts as one layer, but "
+                            f"{missing} is not in quantization_config.quantized_modules "
+                            f"while {quantized[0]} is; quantize all experts or none")
+        if layer.local_num_experts != layer.global_num_experts or _tensor_parallel_size() > 1:
+            raise SFMPError(f"layer {prefix}: SFMP serves experts on one rank only (no tensor "
+                            "or expert parallelism); run one replica per GPU instead")
+        from sfmp_serve.quant_method.moe_method import SFMPMoEMethod
+        return SFMPMoEMethod(self.sfmp, layer.moe_config, prefix, names)
+
     def get_quant_method(self, layer: torch.nn.Module,
                          prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, RoutedExperts):
+            return self._moe_method(layer, prefix)
         if not isinstance(layer, LinearBase):
             return None  # embeddings, (tied) lm_head, attention: unquantized defaults
         shards = self.shards_of(prefix)
