@@ -7,6 +7,9 @@ With `verify`, the checkpoint is first checked as `sfmp serve` checks it (sfmp_s
 checksums, completeness against the model of config.json).
 size_bytes is the size of the *.safetensors files on disk; original_size_bytes is the same
 model unquantized: every floating tensor (quantized linears at [out, in]) in the act dtype.
+A mixture-of-experts checkpoint (linears named <block>.experts.<e>.<projection>) also gets
+the average bits of every expert (its projections together) per sparse block: a table in
+the report, `expert_bits` in the JSON and a layer x expert panel in the heatmap.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from sfmp_serve.format import Checkpoint, LayerGeometry, load_checkpoint
 from sfmp_serve.preflight import checked_checkpoint
 
 
+# <sparse block>.experts.<expert index>.<projection>, as checkpoints name expert linears
+_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)$")
+
+
 @dataclass
 class LinearBits:
     name: str
@@ -31,7 +38,10 @@ class LinearBits:
 
     @property
     def layer_type(self) -> str:
-        return self.name.rpartition(".")[2]
+        """The projection name; "experts.<projection>" for a routed expert's (so Qwen3-MoE's
+        dense gate_proj and its experts' gate_proj are counted apart)."""
+        match = _EXPERT.match(self.name)
+        return f"experts.{match['proj']}" if match else self.name.rpartition(".")[2]
 
     def weights_per_bits(self) -> dict[int, int]:
         sizes = self.geometry.rows()[:, None] * self.geometry.cols()[None, :]
@@ -55,6 +65,8 @@ class CheckpointSummary:
     histogram: dict[str, dict[int, int]] = field(default_factory=dict)
     linears: list[LinearBits] = field(default_factory=list)
     verified: str | None = None  # what --verify checked, None without it
+    # sparse block -> expert index -> average bits of that expert's projections
+    expert_bits: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -68,7 +80,24 @@ class CheckpointSummary:
             "bit_histogram": {t: {str(b): n for b, n in sorted(h.items())}
                               for t, h in self.histogram.items()},
             "verified": self.verified is not None,
+            "expert_bits": {block: {str(e): bits for e, bits in experts.items()}
+                            for block, experts in self.expert_bits.items()},
         }
+
+
+def expert_bits(linears: list[LinearBits]) -> dict[str, dict[int, float]]:
+    """Average code bits of every routed expert (weights of its projections together), per
+    sparse block, blocks and experts in natural order; empty for a dense model."""
+    totals: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for lb in linears:
+        match = _EXPERT.match(lb.name)
+        if match:
+            acc = totals[match["block"]][int(match["expert"])]
+            for bits, count in lb.weights_per_bits().items():
+                acc[0] += bits * count
+                acc[1] += count
+    return {block: {e: bits / n for e, (bits, n) in sorted(experts.items())}
+            for block, experts in sorted(totals.items(), key=lambda kv: _natural_key(kv[0]))}
 
 
 def _original_size(ckpt: Checkpoint) -> int:
@@ -108,7 +137,7 @@ def summarize(path: str | os.PathLike, verify: bool = False) -> CheckpointSummar
     return CheckpointSummary(
         Path(path), cfg.act_dtype, cfg.group_size, cfg.block_rows, cfg.bit_choices,
         stats.weights, stats.avg_bits, stats.bits_per_weight, size, _original_size(ckpt),
-        {t: dict(h) for t, h in histogram.items()}, linears, verified)
+        {t: dict(h) for t, h in histogram.items()}, linears, verified, expert_bits(linears))
 
 
 def format_summary(s: CheckpointSummary) -> str:
@@ -128,14 +157,32 @@ def format_summary(s: CheckpointSummary) -> str:
     if s.verified:
         lines.insert(1, f"verified     {s.verified}")
     bits = sorted({b for h in s.histogram.values() for b in h})
-    lines.append("  " + "type".ljust(12) + "".join(f"{b}-bit".rjust(8) for b in bits)
+    width = max([12] + [len(t) + 2 for t in s.histogram])
+    lines.append("  " + "type".ljust(width) + "".join(f"{b}-bit".rjust(8) for b in bits)
                  + "avg".rjust(8))
     for layer_type, h in s.histogram.items():
         total = sum(h.values())
         shares = "".join(f"{100 * h.get(b, 0) / total:7.1f}%" for b in bits)
         avg = sum(b * n for b, n in h.items()) / total
-        lines.append("  " + layer_type.ljust(12) + shares + f"{avg:8.3f}")
+        lines.append("  " + layer_type.ljust(width) + shares + f"{avg:8.3f}")
+    lines += format_expert_bits(s.expert_bits)
     return "\n".join(lines)
+
+
+def format_expert_bits(blocks: dict[str, dict[int, float]], per_line: int = 16) -> list[str]:
+    """The per-expert panel: one row per sparse block (wrapped every `per_line` experts)."""
+    if not blocks:
+        return []
+    lines = ["average bits per expert (its projections together):"]
+    width = max(len(b) for b in blocks)
+    for block, experts in blocks.items():
+        ids = list(experts)
+        for start in range(0, len(ids), per_line):
+            chunk = ids[start:start + per_line]
+            head = block if start == 0 else ""
+            lines.append("  " + head.ljust(width) + "".join(f"{e:>6}" for e in chunk))
+            lines.append("  " + "".ljust(width) + "".join(f"{experts[e]:6.2f}" for e in chunk))
+    return lines
 
 
 def _natural_key(name: str) -> list:
@@ -161,13 +208,15 @@ def plot_block_bits(summary: CheckpointSummary, out_png: str | os.PathLike) -> P
     choices = sorted(set(summary.bit_choices))
     cmap = ListedColormap(plt.get_cmap("viridis")(torch.linspace(0, 1, len(choices)).numpy()))
     norm = BoundaryNorm([b - 0.5 for b in choices] + [choices[-1] + 0.5], len(choices))
-    fig, axes = plt.subplots(1, len(by_type), figsize=(2.4 * len(by_type) + 1.5, 9),
-                             squeeze=False)
+    panels = len(by_type) + bool(summary.expert_bits)
+    fig, axes = plt.subplots(1, panels, figsize=(2.4 * panels + 1.5, 9), squeeze=False)
     for ax, (layer_type, items) in zip(axes[0], by_type.items()):
         mesh = _draw_type(ax, items, cmap, norm)
         ax.set_title(layer_type, fontsize=10)
         ax.set_xlabel("input (reordered)", fontsize=8)
     axes[0][0].set_ylabel("layer (rows reordered within each)", fontsize=8)
+    if summary.expert_bits:
+        _draw_experts(axes[0][-1], summary.expert_bits, choices)
     cbar = fig.colorbar(mesh, ax=axes[0].tolist(), ticks=choices, fraction=0.02, pad=0.02)
     cbar.set_label("bits")
     fig.suptitle(f"SFMP block bit-widths: {summary.path.name}  (avg {summary.avg_bits:.3f} bits,"
@@ -196,3 +245,20 @@ def _draw_type(ax, items: list[LinearBits], cmap, norm):
     ax.set_ylim(y0, 0)  # first layer on top
     ax.tick_params(axis="x", labelsize=7)
     return mesh
+
+
+def _draw_experts(ax, blocks: dict[str, dict[int, float]], choices: list[int]) -> None:
+    """The per-expert panel: sparse blocks down, experts across, colour = average bits."""
+    n = max(max(experts) + 1 for experts in blocks.values())
+    grid = torch.full((len(blocks), n), float("nan"))
+    for row, experts in enumerate(blocks.values()):
+        for e, bits in experts.items():
+            grid[row, e] = bits
+    ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=choices[0], vmax=choices[-1],
+              interpolation="nearest")
+    labels = [re.findall(r"\d+", b)[0] if re.search(r"\d", b) else b for b in blocks]
+    step = max(1, len(labels) // 15)
+    ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=7)
+    ax.set_title("experts (avg bits)", fontsize=10)
+    ax.set_xlabel("expert", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)

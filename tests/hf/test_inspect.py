@@ -63,3 +63,39 @@ def test_inspect_broken_checkpoint_one_line(llama_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.layers.0.self_attn.q_proj.block_bits" in err
     assert main(["inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_inspect_shows_bits_per_expert(tmp_path, capsys):
+    """A MoE checkpoint: the average bits of each expert (gate, up and down together), per
+    sparse block, recomputed here from the block tables; expert projections are their own
+    rows of the histogram; the heatmap gains the per-expert panel."""
+    from offline.pipeline import QuantizeOptions, quantize_model, save_result
+    from tests.tiny import make_family_model
+
+    model_dir = make_family_model(tmp_path / "model", "qwen3_moe")
+    options = QuantizeOptions(bits=3.5, budget_gb=None, levels=3, bit_choices=(2, 3, 4),
+                              group_size=32, block_rows=16, nsamples=2, seqlen=16,
+                              method="rtn")  # 32 tokens: too few for GPTQ (the default)
+    result = quantize_model(model_dir, options)
+    ckpt = save_result(result, model_dir, tmp_path / "ckpt")
+    capsys.readouterr()
+    assert main(["inspect", str(ckpt), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    block = "model.layers.1.mlp"  # layer 0 is dense (mlp_only_layers)
+    assert list(got["expert_bits"]) == [block]
+    for e in range(4):
+        code_bits = weights = 0
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            p = result.packed[f"{block}.experts.{e}.{proj}"]
+            geo = p.geometry(result.config)
+            sizes = geo.rows()[:, None] * geo.cols()[None, :]
+            code_bits += int((p.block_bits.long() * sizes).sum())
+            weights += p.out_features * p.in_features
+        assert got["expert_bits"][block][str(e)] == pytest.approx(code_bits / weights)
+    assert {"gate_proj", "experts.gate_proj", "experts.down_proj"} <= set(got["bit_histogram"])
+    assert sum(got["bit_histogram"]["experts.up_proj"].values()) == 4 * 72 * 96
+    png = tmp_path / "bits.png"
+    assert main(["inspect", str(ckpt), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "average bits per expert" in out and block in out
+    assert png.stat().st_size > 10_000
