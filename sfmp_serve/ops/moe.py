@@ -12,6 +12,9 @@ weighted output with index_add_ (the summation order of transformers' experts lo
 two paths agree to rounding). Which experts are active depends on the batch, so the loop runs
 inside the op: under vLLM's torch.compile a Python loop in apply() would be traced once and
 frozen. Every backend of ops.api serves the experts; no backend needs to know about MoE.
+The loop reads the active expert ids on the host (torch.unique): fine on the CPU, but not
+CUDA-graph-capture-safe, so a GPU server would need --enforce-eager until a grouped kernel
+replaces the loop (untested: no GPU on the development machines).
 """
 
 from __future__ import annotations
