@@ -26,7 +26,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from sfmp_serve import metrics
 from sfmp_serve.errors import FormatError, SFMPError
-from sfmp_serve.format import TENSOR_SUFFIXES, BitStats, PackedLinear, SFMPConfig
+from sfmp_serve.format import TENSOR_SUFFIXES, BitStats, PackedLinear, SFMPConfig, perm_dtype
 from sfmp_serve.ops import api
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,14 @@ def _add_served(stats: BitStats) -> BitStats:
     return _served
 
 
-def _placeholder_dtype(suffix: str, config: SFMPConfig) -> torch.dtype:
+def _placeholder_dtype(suffix: str, config: SFMPConfig, shapes: list[tuple[int, int]],
+                       ) -> torch.dtype:
     # Matching dtypes keep vLLM's loader from warning about "mismatched" placeholders.
     if suffix in ("alpha", "beta"):
         return config.torch_act_dtype
+    if suffix in ("input_perm", "output_perm"):  # stored as their format version stores them
+        length = max(s[1] if suffix == "input_perm" else s[0] for s in shapes)
+        return perm_dtype(length, config.format_version)
     return torch.uint8 if suffix == "block_bits" else torch.int32
 
 
@@ -78,7 +82,7 @@ class SFMPLinearMethod(LinearMethodBase):
         setattr(layer, _LOADED, {})
         for suffix in TENSOR_SUFFIXES:
             param = torch.nn.Parameter(
-                torch.empty(0, dtype=_placeholder_dtype(suffix, self.config)),
+                torch.empty(0, dtype=_placeholder_dtype(suffix, self.config, self.shapes)),
                 requires_grad=False)
             set_weight_attrs(param, {"weight_loader": functools.partial(self._load, layer,
                                                                          suffix)})

@@ -25,11 +25,12 @@ from tests.tiny import make_tiny_model
 
 def make_checkpoint(model_dir: Path, out_dir: Path, bits: float = 3.0, group_size: int = 32,
                     block_rows: int = 16) -> Path:
-    """The real pipeline: three levels {2,3,4}, data-free calibration kept tiny."""
+    """The real pipeline at its default method: three levels {2,3,4}, data-free calibration kept
+    tiny."""
     from offline.pipeline import QuantizeOptions, quantize_model, save_result
     options = QuantizeOptions(bits=bits, budget_gb=None, levels=3, bit_choices=(2, 3, 4),
                               group_size=group_size, block_rows=block_rows,
-                              nsamples=2, seqlen=32)
+                              nsamples=4, seqlen=64)  # 256 tokens: GPTQ needs one per column
     save_result(quantize_model(model_dir, options), model_dir, out_dir, overwrite=True)
     return out_dir
 
