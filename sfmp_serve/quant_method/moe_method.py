@@ -63,10 +63,11 @@ class SFMPMoEMethod(FusedMoEMethodBase):
         self.shapes = {"w1": (inter, hidden_size), "w3": (inter, hidden_size),
                        "w2": (hidden_size, inter)}
         setattr(layer, _LOADED, {})
-        for stem in ("w13", "w2"):
+        for stem, shards in (("w13", ("w1", "w3")), ("w2", ("w2",))):
+            shapes = [self.shapes[s] for s in shards]
             for suffix in TENSOR_SUFFIXES:
                 param = torch.nn.Parameter(
-                    torch.empty(0, dtype=_placeholder_dtype(suffix, self.config)),
+                    torch.empty(0, dtype=_placeholder_dtype(suffix, self.config, shapes)),
                     requires_grad=False)
                 set_weight_attrs(param, {"weight_loader": functools.partial(
                     self._load, layer, stem, suffix)})

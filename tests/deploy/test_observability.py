@@ -40,7 +40,7 @@ def _checkpoint(workdir: Path) -> tuple[Path, float, float]:
     # head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... but not the default tiny's 24.
     model = make_tiny_model(workdir / "tiny", "llama", heads=3, kv_heads=1)
     options = QuantizeOptions(bits=3.25, budget_gb=None, group_size=32, block_rows=16,
-                              nsamples=2, seqlen=32)
+                              nsamples=4, seqlen=64)  # GPTQ (the default) needs a token per column
     result = quantize_model(model, options)
     out = save_result(result, model, workdir / "sfmp")
     return out, result.config.avg_bits, result.config.bits_per_weight
