@@ -296,14 +296,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--plot", default=None, help="where the PNG goes (default OUT/quality.png)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: the table and plot of OUT/results.json as it is")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    results = run_all(args)
     out = Path(args.out)
+    results = load_results(out / "results.json") if args.report_only else run_all(args)
     (out / "quality.md").write_text(table(results))
     png = Path(args.plot) if args.plot else out / "quality.png"
     plot(results, png)

@@ -77,6 +77,10 @@ def test_quality_table_and_plot_on_a_tiny_model(quality, tiny_llama, tmp_path):
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in (tmp_path / "work").iterdir() if p.is_dir()]  # checkpoints removed
     assert (tmp_path / "work" / "salience.safetensors").is_file()  # one Fisher pass, reused
+    (out / "quality.md").unlink()
+    assert quality.main([*argv, "--report-only", "--bpw", "2.5"]) == 0  # runs nothing new
+    assert (out / "quality.md").read_text() == table
+    assert json.loads((out / "results.json").read_text()) == results
 
 
 @pytest.fixture(scope="module")
