@@ -245,14 +245,18 @@ def plot(results: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    # Lines of at least two points: the ablations at one BPW are in the table only.
+    # Lines of at least two points, uniform baselines always; a lone SFMP point only where no
+    # other series of its method has one (the ablations at one BPW are in the table only).
     runs = [r for k, r in results.items() if k not in ("baseline", "meta")]
     for family, style in (("sfmp", "-o"), ("uniform", "--s")):
         for method, name in sorted({(r["method"], setting_name(r)) for r in runs}):
             pts = sorted((r["bpw"], r["ppl"]) for r in runs if r["family"] == family
                          and r["method"] == method and setting_name(r) == name)
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), style,
+            others = {round(r["bpw"], 3) for r in runs if r["family"] == "sfmp"
+                      and r["method"] == method and setting_name(r) != name}
+            if pts and (len(pts) > 1 or family == "uniform"
+                        or round(pts[0][0], 3) not in others):
+                ax.plot(*zip(*pts), style if len(pts) > 1 else style[-1], ms=7,
                         label=f"{family.upper()}-{method}" + (f" ({name})" if name else ""))
     if "baseline" in results:
         ax.axhline(results["baseline"]["ppl"], color="k", lw=1, ls=":", label="unquantized")
@@ -260,7 +264,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
     ax.set_ylabel("perplexity (log scale)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.set_title(f"{Path(results.get('meta', {}).get('model', '')).name}: ppl vs BPW")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
