@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from offline.allocation import BlockErrors, block_sums
-from offline.quantizers.base import row_group_bits
-from offline.quantizers.blockwise import (fake_quantize, grouped, max_code,
+from offline.quantizers.blockwise import (fake_quantize, grouped, grouped_fisher, max_code,
                                           weighted_clip_params)
 from sfmp_serve.format import LayerGeometry
 
@@ -23,19 +22,18 @@ def block_errors(weight: torch.Tensor, fisher: torch.Tensor, widths: tuple[int, 
     """Errors of every block of one linear at each width; weight and fisher reordered [N, K]."""
     weight, fisher = weight.to(torch.float32), fisher.to(torch.float32)
     rows = torch.arange(geometry.out_features) // geometry.block_rows
+    if fisher_clip:  # the same groups at every width
+        w_groups, f_groups = grouped(weight, geometry), grouped_fisher(fisher, geometry)
     out = []
     for bits in widths:
-        table = torch.full((geometry.n_block_rows, geometry.n_groups), bits, dtype=torch.uint8)
         if fisher_clip:
-            f = torch.zeros(fisher.shape[0], geometry.n_groups * geometry.group_size)
-            f[:, :geometry.in_features] = fisher  # padding columns weigh nothing
-            maxq = max_code(row_group_bits(table, geometry))
-            _, _, err = weighted_clip_params(grouped(weight, geometry),
-                                             f.view(-1, geometry.n_groups, geometry.group_size),
-                                             maxq)
+            maxq = max_code(torch.full(w_groups.shape[:2], bits))
+            _, _, err = weighted_clip_params(w_groups, f_groups, maxq)
             out.append(torch.zeros(geometry.n_block_rows, geometry.n_groups,
                                    dtype=torch.float64).index_add_(0, rows, err.double()))
         else:
+            table = torch.full((geometry.n_block_rows, geometry.n_groups), bits,
+                               dtype=torch.uint8)
             delta = weight - fake_quantize(weight, table, geometry)
             out.append(block_sums(fisher * delta * delta, geometry))
     return BlockErrors(tuple(widths), torch.stack(out))

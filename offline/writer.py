@@ -49,7 +49,7 @@ from offline.overrides import Selection
 from offline.pipeline import Plan
 from offline.reorder import Order
 from sfmp_serve import __version__
-from sfmp_serve.atomic_dir import RESUMABLE
+from sfmp_serve.atomic_dir import RESUMABLE, fsync_dir
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import (WEIGHTS_METADATA, BitStats, LayerGeometry, SFMPConfig,
                                write_config)
@@ -76,14 +76,6 @@ def _crash_point(event: str, n: int) -> None:
 
 def _part(index: int) -> str:
     return "part-outside.safetensors" if index < 0 else f"part-{index:05d}.safetensors"
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_fingerprint(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -315,7 +307,7 @@ class CheckpointWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _sync_dir(self.progress)
+        fsync_dir(self.progress)
 
     # ---------------------------------------------------------------------------------------
     # Finishing

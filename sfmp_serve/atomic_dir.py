@@ -123,7 +123,7 @@ def recover(out_dir: str | os.PathLike) -> list[str]:
                    "replaced the directory (the old one stays)")
         else:
             os.rename(path, out)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
             report(f"moved {path.name} into place: the run that wrote it was interrupted "
                    "while replacing the old directory")
     for path in found["old"]:
@@ -132,7 +132,7 @@ def recover(out_dir: str | os.PathLike) -> list[str]:
             report(f"removed {path.name}, the replaced directory of an interrupted run")
         else:
             os.rename(path, out)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
             report(f"restored {path.name}: an interrupted run had moved it aside")
     return done
 
@@ -150,7 +150,8 @@ def resumable_state(path: Path) -> str:
         return "state unknown"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename in it) to disk."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -168,7 +169,7 @@ def _sync_tree(directory: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _apply_umask(directory: Path) -> None:
@@ -299,7 +300,7 @@ def _finish(out: Path, old: Path | None) -> None:
     """After the swap: make the renames durable and delete the old directory. The new one is
     in place, so a failure here is a warning (the next run removes what is left)."""
     try:
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except OSError as e:
         log.warning("%s: could not sync the parent directory (%s)", out, e)
     if old is not None:

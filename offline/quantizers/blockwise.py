@@ -89,19 +89,23 @@ def weighted_clip_params(w: torch.Tensor, fisher: torch.Tensor, maxq: torch.Tens
     return best
 
 
+def grouped_fisher(fisher: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
+    """A reordered Fisher diagonal [N, K] as [N, n_groups, group_size] (float32), like
+    `grouped`, except that padding columns (which repeat a real one there) weigh nothing."""
+    f = torch.zeros(fisher.shape[0], geometry.n_groups * geometry.group_size,
+                    dtype=torch.float32, device=fisher.device)
+    f[:, :geometry.in_features] = fisher.to(torch.float32)
+    return f.view(fisher.shape[0], geometry.n_groups, geometry.group_size)
+
+
 def fisher_clipped_minmax(weight: torch.Tensor, fisher: torch.Tensor, block_bits: torch.Tensor,
                           geometry: LayerGeometry,
                           grid: tuple[float, ...] = FISHER_CLIP_GRID) -> QuantizedCodes:
     """Round to nearest with each (row, group)'s range clipped by `weighted_clip_params`.
     weight, fisher: reordered [N, K]."""
     groups = grouped(weight.to(torch.float32), geometry)
-    # Padding columns repeat a real one: give them no weight in the error.
-    f = torch.zeros(fisher.shape[0], geometry.n_groups * geometry.group_size,
-                    dtype=torch.float32, device=fisher.device)
-    f[:, :geometry.in_features] = fisher.to(torch.float32)
-    f = f.view(groups.shape)
     maxq = max_code(row_group_bits(block_bits, geometry)).to(groups.device)  # [N, n_groups]
-    scale, zero, _ = weighted_clip_params(groups, f, maxq, grid)
+    scale, zero, _ = weighted_clip_params(groups, grouped_fisher(fisher, geometry), maxq, grid)
     codes = quantize_codes(groups, scale[..., None], zero[..., None], maxq[..., None])
     return QuantizedCodes(codes=codes.flatten(1)[:, :geometry.in_features].to(torch.uint8),
                           scale=scale, zero=zero)
