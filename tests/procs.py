@@ -11,10 +11,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 # One vLLM start is ~60-110 s on 2 shared cores (most of it torch.compile warm-up).
 START_TIMEOUT_S = 420
@@ -90,3 +93,17 @@ class Proc:
             pass
         self.popen.wait(10)
         self._log_file.close()
+
+
+@contextmanager
+def serving(checkpoint: Path, log: Path, *args: str) -> Iterator[str]:
+    """`sfmp serve --verbose CHECKPOINT ARGS` on a free port for the block; yields its base URL.
+    --verbose: vLLM's own output goes to `log`, whose tail a failed start shows."""
+    port = free_port()
+    proc = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", "--verbose",
+                 str(checkpoint), "--port", str(port), *args], log)
+    try:
+        proc.wait_http(f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()

@@ -12,13 +12,12 @@ models' sliding window (8), so both attention kinds count.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
 from sfmp_serve.arch import ARCHITECTURES
-from tests.procs import Proc, free_port, request
+from tests.procs import request, serving
 from tests.tiny import make_family_model
 
 pytestmark = pytest.mark.e2e
@@ -46,15 +45,8 @@ def served(request, tmp_path_factory):
                               method="awq")
     ckpt = save_result(quantize_model(model_dir, options), model_dir, root / "sfmp")
     reference = load_sfmp_model(ckpt, dtype=torch.float32, dequantized=True)
-    port = free_port()
-    # --verbose: vLLM's own output in server.log, whose tail a failed start shows
-    proc = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", "--verbose", str(ckpt),
-                 "--port", str(port), *VLLM_ARGS], root / "server.log")
-    try:
-        proc.wait_http(f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}", reference
-    finally:
-        proc.stop()
+    with serving(ckpt, root / "server.log", *VLLM_ARGS) as url:
+        yield url, reference
 
 
 def _complete(url: str, **body) -> dict:

@@ -7,12 +7,11 @@ tests/serving/test_families_vllm.py.)"""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 
-from tests.procs import Proc, free_port, request
+from tests.procs import request, serving
 from tests.tiny import CORPUS, make_family_model, starve_expert
 
 pytestmark = pytest.mark.e2e
@@ -39,14 +38,8 @@ def served(tmp_path_factory):
                               method="gptq", calib=str(calib))
     ckpt = save_result(quantize_model(model_dir, options), model_dir, root / "sfmp")
     reference = load_sfmp_model(ckpt, dtype=torch.float32, dequantized=True)
-    port = free_port()
-    proc = Proc([sys.executable, "-m", "sfmp_serve.cli.main", "serve", "--verbose", str(ckpt),
-                 "--port", str(port), *VLLM_ARGS], root / "server.log")
-    try:
-        proc.wait_http(f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}", reference
-    finally:
-        proc.stop()
+    with serving(ckpt, root / "server.log", *VLLM_ARGS) as url:
+        yield url, reference
 
 
 def _greedy(model, ids: list[int], steps: int) -> list[int]:
