@@ -43,7 +43,7 @@ import quality  # noqa: E402  (bench/quality.py: storage line, perplexity, held-
 log = logging.getLogger("bench.ablation")
 
 
-def identity_orders(salience, input_groups):
+def identity_orders(salience, input_groups, ranges=None):
     from offline.reorder import identity_order
     return {n: identity_order(*s.shape) for n, s in salience.items()}
 

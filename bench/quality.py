@@ -48,6 +48,8 @@ class Setting:
     policy: str | None = None  # None: the product's default
     levels: int = 2
     clip: str | None = None  # rtn/gptq: minmax or fisher; None = the method's default
+    tp_shards: int | None = None  # None: the product's default (the largest <= 8 that fits)
+    tp_by_width: bool = False  # attention ranges by width, heads or not (measurement only)
 
     def method_args(self, method: str) -> dict:
         from offline.quantizers.base import method_config
@@ -92,34 +94,42 @@ def model_dtype(model_dir: str):
     return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def storage_line(model_dir: str, group_size: int, block_rows: int) -> tuple[float, float]:
+def storage_line(model_dir: str, group_size: int, block_rows: int,
+                 setting: Setting = Setting()) -> tuple[float, float]:
     """(overhead, slope): stored bits per weight = overhead + slope * code bits, exact for
     uniform bits. overhead is what the format stores beyond the codes (scales, tables,
-    permutations); slope > 1 only when groups are padded to whole 32-bit words. Computed from
-    the decoder linears' shapes in the safetensors headers."""
+    permutations, and the extra ragged groups of tensor-parallel ranges); slope > 1 only when
+    groups are padded to whole 32-bit words. Computed from the decoder linears' shapes in the
+    safetensors headers."""
     import torch
     from safetensors import safe_open
 
     from offline.export import packed_nbytes
+    from offline.tp_plan import LinearShape, plan_tp
     from sfmp_serve.arch import arch_for
-    from sfmp_serve.format import LayerGeometry, read_hf_config
+    from sfmp_serve.format import LayerGeometry, linear_ranges, read_hf_config, relative_name
 
-    spec = arch_for(read_hf_config(model_dir)["model_type"])
+    hf_config = read_hf_config(model_dir)
+    spec = arch_for(hf_config["model_type"])
     dtype = model_dtype(model_dir)
     suffixes = tuple(f".{name}.weight" for name in spec.linears)
-    stored = {1: 0, 2: 0}
-    weights = 0
+    shapes = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 if key.startswith(spec.layers_path + ".") and key.endswith(suffixes):
-                    n, k = handle.get_slice(key).get_shape()
-                    geo = LayerGeometry(n, k, group_size, block_rows)
-                    for bits in stored:
-                        table = torch.full((geo.n_block_rows, geo.n_groups), bits,
-                                           dtype=torch.uint8)
-                        stored[bits] += 8 * packed_nbytes(geo, table, dtype)
-                    weights += n * k
+                    shapes[key.removesuffix(".weight")] = handle.get_slice(key).get_shape()
+    tp = plan_tp(setting.tp_shards, spec, hf_config,
+                 [LinearShape(relative_name(n), *s) for n, s in shapes.items()],
+                 not setting.tp_by_width)
+    stored = {1: 0, 2: 0}
+    weights = 0
+    for name, (n, k) in shapes.items():
+        geo = LayerGeometry(n, k, group_size, block_rows, *linear_ranges(tp.ranges, name))
+        for bits in stored:
+            table = torch.full((geo.n_block_rows, geo.n_groups), bits, dtype=torch.uint8)
+            stored[bits] += 8 * packed_nbytes(geo, table, dtype)
+        weights += n * k
     slope = (stored[2] - stored[1]) / weights
     return stored[1] / weights - slope, slope
 
@@ -161,6 +171,8 @@ def quantize(run: Run, args: argparse.Namespace, out: Path) -> dict:
                               levels=run.setting.levels,
                               **({"policy": run.setting.policy} if run.setting.policy else {}),
                               method_args=run.setting.method_args(run.method),
+                              tp_shards=run.setting.tp_shards,
+                              tp_whole_heads=not run.setting.tp_by_width,
                               seqlen=args.calib_seqlen, device=args.device,
                               # one Fisher pass serves every SFMP run (same model, same data)
                               salience_cache=str(Path(args.work) / "salience.safetensors"))
@@ -169,6 +181,7 @@ def quantize(run: Run, args: argparse.Namespace, out: Path) -> dict:
     save_result(result, args.model, out, overwrite=True)
     seconds = time.perf_counter() - start
     return {"avg_bits": result.config.avg_bits, "bpw": result.config.bits_per_weight,
+            "tp_shards": result.config.tp_shards,
             "method_args": result.config.method_args,
             "quant_seconds": round(seconds, 1),
             "stage_seconds": {k: round(v, 1) for k, v in result.stage_seconds.items()}}
@@ -185,8 +198,9 @@ def run_all(args: argparse.Namespace) -> dict[str, dict]:
     results = load_results(results_file)
     text_path = Path(args.text) if args.text else default_heldout_text()
     text = text_path.read_text(encoding="utf-8")
-    overhead, slope = storage_line(args.model, args.group_size, args.block_rows)
-    setting = Setting(args.name, args.policy, args.levels, args.clip)
+    setting = Setting(args.name, args.policy, args.levels, args.clip, args.tp_shards,
+                      args.tp_by_width)
+    overhead, slope = storage_line(args.model, args.group_size, args.block_rows, setting)
     runs = plan_runs(args.bpw, args.methods, overhead, slope, setting, tuple(args.families))
     meta = {"model": str(args.model), "text": str(text_path), "eval_seqlen": args.eval_seqlen,
             "max_tokens": args.max_tokens, "group_size": args.group_size,
@@ -297,6 +311,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--clip", default=None, choices=("minmax", "fisher"),
                    help="rtn/gptq clip (default: the method's own default)")
+    p.add_argument("--tp-shards", type=int, default=None,
+                   help="tensor-parallel ranges (default: the product's)")
+    p.add_argument("--tp-by-width", action="store_true",
+                   help="cut attention into --tp-shards ranges by width even where that does "
+                   "not divide the heads: what the ranges cost, on a model vLLM could not "
+                   "serve at that TP size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--plot", default=None, help="where the PNG goes (default OUT/quality.png)")

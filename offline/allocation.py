@@ -137,8 +137,8 @@ def resolve_choices(target: float, levels: int,
 def block_sums(matrix: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
     """Sum of a reordered [out, in] matrix inside every block, float64 [n_block_rows, n_groups]."""
     n, k = matrix.shape
-    row_block = torch.arange(n) // geometry.block_rows
-    col_group = torch.arange(k) // geometry.group_size
+    row_block = geometry.row_block_index().to(matrix.device)
+    col_group = geometry.col_group_index().to(matrix.device)
     per_row_block = torch.zeros(geometry.n_block_rows, k, dtype=torch.float64).index_add_(
         0, row_block, matrix.to(torch.float64))
     return torch.zeros(geometry.n_block_rows, geometry.n_groups,

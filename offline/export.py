@@ -54,7 +54,8 @@ def pack_codes(quantized: QuantizedCodes, block_bits: torch.Tensor, geometry: La
                         block_bits=block_bits.to(torch.uint8).clone(), block_offsets=offsets,
                         input_perm=order.input_perm.to(torch.int32).clone(),  # groups share it
                         output_perm=order.output_perm.to(torch.int32).clone(),
-                        bias=None if bias is None else bias.detach().clone())
+                        bias=None if bias is None else bias.detach().clone(),
+                        ranges=(geometry.row_ranges, geometry.col_ranges))
 
 
 def packed_nbytes(geometry: LayerGeometry, block_bits: torch.Tensor,

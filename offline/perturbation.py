@@ -21,7 +21,7 @@ def block_errors(weight: torch.Tensor, fisher: torch.Tensor, widths: tuple[int, 
                  geometry: LayerGeometry, fisher_clip: bool = False) -> BlockErrors:
     """Errors of every block of one linear at each width; weight and fisher reordered [N, K]."""
     weight, fisher = weight.to(torch.float32), fisher.to(torch.float32)
-    rows = torch.arange(geometry.out_features) // geometry.block_rows
+    rows = geometry.row_block_index()
     if fisher_clip:  # the same groups at every width
         w_groups, f_groups = grouped(weight, geometry), grouped_fisher(fisher, geometry)
     out = []

@@ -36,11 +36,12 @@ from offline.overrides import Selection, select
 from offline.perturbation import block_errors
 from offline.quantizers.base import Quantizer, make_quantizer, methods
 from offline.reorder import Order, identity_order, salience_orders
+from offline.tp_plan import LinearShape, TPPlan, plan_tp
 from offline.salience import fisher_diagonal, load_salience, resolve_device, save_salience
 from offline.sequential import make_plans, quantize_layers
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import (MAX_BITS, BitStats, LayerGeometry, PackedLinear, SFMPConfig,
-                               checkpoint_config)
+                               checkpoint_config, linear_ranges, relative_name)
 from sfmp_serve.recipe import DEFAULT_METHOD, DEFAULT_POLICY
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,13 @@ class QuantizeOptions:
     ignore: tuple[str, ...] = ()  # regexes of linears left unquantized
     pins: tuple[tuple[str, int], ...] = ()  # (regex, bits) of linears at a fixed width
     policy: str = DEFAULT_POLICY  # block importance: Fisher-weighted errors, or summed Fisher
+    # Tensor-parallel ranges for serving at any TP size dividing it; None: the largest up to
+    # 8 the model allows (offline/tp_plan.py).
+    tp_shards: int | None = None
+    # Measurement only (bench/quality.py; not in recipes): False cuts attention into ranges
+    # by width even where K does not divide the heads, to see what K ranges cost in quality
+    # on such a model; vLLM cannot serve the result at TP K.
+    tp_whole_heads: bool = True
 
     def validate(self) -> None:
         """Every check that needs no model, so bad flags fail before minutes of work."""
@@ -88,6 +96,10 @@ class QuantizeOptions:
         if self.budget_gb is not None and not self.budget_gb > 0:
             raise SFMPError(f"--budget-gb={self.budget_gb}: must be positive")
         alloc.check_block_shape(self.group_size, self.block_rows)
+        if self.tp_shards is not None and (isinstance(self.tp_shards, bool)
+                                           or not isinstance(self.tp_shards, int)
+                                           or self.tp_shards < 1):
+            raise SFMPError(f"--tp-shards={self.tp_shards!r}: must be a positive integer")
         if self.policy not in POLICIES:
             raise SFMPError(f"--policy={self.policy!r}: expected one of {', '.join(POLICIES)}")
         make_quantizer(self.method, self.method_args)  # names the methods / arguments
@@ -156,10 +168,20 @@ class StageTimer:
 # --------------------------------------------------------------------------------------------
 # Allocation with a budget and pins
 # --------------------------------------------------------------------------------------------
+def tp_plan(loaded: LoadedModel, options: QuantizeOptions) -> TPPlan:
+    """The tensor-parallel ranges of every target for --tp-shards (offline/tp_plan.py)."""
+    shapes = [LinearShape(relative_name(t.name), t.out_features, t.in_features)
+              for t in loaded.targets]
+    return plan_tp(options.tp_shards, loaded.spec, loaded.hf_config, shapes,
+                   options.tp_whole_heads)
+
+
 def geometries(loaded: LoadedModel, options: QuantizeOptions,
-               names: tuple[str, ...] | None = None) -> dict[str, LayerGeometry]:
+               names: tuple[str, ...] | None = None,
+               tp: TPPlan | None = None) -> dict[str, LayerGeometry]:
+    ranges = (tp or tp_plan(loaded, options)).ranges
     return {t.name: LayerGeometry(t.out_features, t.in_features, options.group_size,
-                                  options.block_rows)
+                                  options.block_rows, *linear_ranges(ranges, t.name))
             for t in loaded.targets if names is None or t.name in names}
 
 
@@ -240,7 +262,7 @@ def allocate_bits(importance: dict[str, torch.Tensor | alloc.BlockErrors],
 
 
 def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: alloc.Allocation,
-                 selection: Selection, quantizer: Quantizer,
+                 selection: Selection, quantizer: Quantizer, tp: TPPlan,
                  stats: BitStats | None = None) -> SFMPConfig:
     """The checkpoint's quantization_config (bit statistics from `stats` once known)."""
     calibrated = not options.uniform or needs_calibration(options.method)
@@ -264,7 +286,7 @@ def build_config(loaded: LoadedModel, options: QuantizeOptions, allocation: allo
         bits_per_weight=0.0, act_dtype=act_dtype_name(loaded.act_dtype),
         quantized_modules=selection.quantized, input_groups=loaded.targets.relative_groups(),
         target_bits=allocation.target_bits, method=quantizer.name, method_args=method_args,
-        calibration=calibration)
+        calibration=calibration, tp_shards=tp.shards, tp_ranges=tp.ranges)
     return config if stats is None else checkpoint_config(config, stats)
 
 
@@ -346,7 +368,8 @@ def _salience_stages(loaded: LoadedModel, options: QuantizeOptions, timer: Stage
         salience = {n: s for n, s in salience.items() if n in geos}
         found = ({n: identity_order(geos[n].out_features, geos[n].in_features)
                   for n in salience} if options.uniform else
-                 salience_orders(salience, loaded.input_groups))
+                 salience_orders(salience, loaded.input_groups,
+                                 {n: (geos[n].row_ranges, geos[n].col_ranges) for n in salience}))
         orders.update(found)
         for n, s in salience.items():
             f = found[n].apply(s)
@@ -398,7 +421,8 @@ def plan_quantization(loaded: LoadedModel, options: QuantizeOptions, timer: Stag
                       quantizer: Quantizer) -> Plan:
     """Overrides, calibration, salience, reorder, allocation: everything before the layers."""
     selection = select(loaded.targets, options.ignore, options.pins)
-    geos = geometries(loaded, options, selection.quantized)
+    tp = tp_plan(loaded, options)
+    geos = geometries(loaded, options, selection.quantized, tp)
     extra_bytes = unquantized_nbytes(loaded, selection.quantized)
     check_budget_reachable(geos, extra_bytes, loaded.act_dtype, options, selection.pinned)
     check_pins_reachable(geos, options, selection.pinned)
@@ -409,7 +433,7 @@ def plan_quantization(loaded: LoadedModel, options: QuantizeOptions, timer: Stag
                                    selection.pinned)
     log.info("allocation: target %.4f bits, achieved %.4f over choices %s",
              allocation.target_bits, allocation.avg_bits, allocation.bit_choices)
-    config = build_config(loaded, options, allocation, selection, quantizer)
+    config = build_config(loaded, options, allocation, selection, quantizer, tp)
     return Plan(selection, geos, orders, allocation, tokens, config, fisher)
 
 

@@ -123,6 +123,11 @@ class ArchSpec:
     # linear -> module whose forward input is the linear's input, where that is not the linear
     capture: Mapping[str, str] = field(default_factory=dict)
     moe: MoESpec | None = None  # the sparse block of a mixture-of-experts family
+    # How vLLM splits each linear over tensor-parallel ranks: linear -> (dim, unit). dim "out":
+    # column-parallel (rows split), "in": row-parallel (columns split); unit: what a rank
+    # gets whole ("heads", "kv_heads": attention heads of the config; "width": any equal
+    # share). A quantized linear not listed cannot be split (offline/tp_plan.py).
+    tensor_parallel: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -185,6 +190,12 @@ class ArchSpec:
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
 _VLLM_FUSES_APART = {"self_attn.qkv_proj": _ATTN, "mlp.gate_up_proj": _MLP_IN}
+# vLLM's QKVParallelLinear / RowParallelLinear (attention), MergedColumnParallelLinear /
+# RowParallelLinear (MLP)
+_TP_ATTN = {"self_attn.q_proj": ("out", "heads"), "self_attn.k_proj": ("out", "kv_heads"),
+            "self_attn.v_proj": ("out", "kv_heads"), "self_attn.o_proj": ("in", "heads")}
+_TP_MLP = {"mlp.gate_proj": ("out", "width"), "mlp.up_proj": ("out", "width"),
+           "mlp.down_proj": ("in", "width")}
 
 LLAMA_LIKE = ArchSpec(
     family="Llama",
@@ -192,6 +203,7 @@ LLAMA_LIKE = ArchSpec(
     layers_path="model.layers",
     input_groups=(_ATTN, ("self_attn.o_proj",), _MLP_IN, ("mlp.down_proj",)),
     fused=_VLLM_FUSES_APART,
+    tensor_parallel={**_TP_ATTN, **_TP_MLP},
     smooth=(
         SmoothMapping("input_layernorm", _ATTN, NORM),
         SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",), LINEAR),  # GQA: skipped
@@ -209,6 +221,7 @@ GEMMA = ArchSpec(
     layers_path="model.layers",
     input_groups=(_ATTN, ("self_attn.o_proj",), _MLP_IN, ("mlp.down_proj",)),
     fused=_VLLM_FUSES_APART,
+    tensor_parallel={**_TP_ATTN, **_TP_MLP},
     smooth=(
         SmoothMapping("input_layernorm", _ATTN, OFFSET_NORM),
         SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",), LINEAR),  # GQA: skipped
@@ -242,6 +255,7 @@ MIXTRAL = ArchSpec(
     layers_path="model.layers",
     input_groups=(_ATTN, ("self_attn.o_proj",)),
     fused={"self_attn.qkv_proj": _ATTN},
+    tensor_parallel=_TP_ATTN,  # experts are not split: SFMP serves MoE layers on one rank
     smooth=(
         SmoothMapping("input_layernorm", _ATTN, NORM),
         SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",), LINEAR),  # GQA: skipped
@@ -257,6 +271,7 @@ QWEN3_MOE = ArchSpec(
     layers_path="model.layers",
     input_groups=LLAMA_LIKE.input_groups,
     fused=_VLLM_FUSES_APART,
+    tensor_parallel=LLAMA_LIKE.tensor_parallel,
     smooth=LLAMA_LIKE.smooth,
     moe=MoESpec(),
 )

@@ -1,4 +1,4 @@
-"""The SFMP checkpoint format, version 3: the one module that reads, writes and validates it.
+"""The SFMP checkpoint format, version 4: the one module that reads, writes and validates it.
 
 docs/format.md is the specification in prose; this module is the same specification in code.
 Offline code writes a checkpoint held in memory through `write_checkpoint`, and one written
@@ -10,7 +10,9 @@ Version 2 adds a checksum of every tensor (sfmp_serve/weights_file.py); version 
 are still read, with a warning that corruption cannot be detected in them. Version 3 stores each
 permutation in the narrowest unsigned type that holds it (16 bits up to 65,536 entries): on a
 135M model the two int32 permutations of every linear were 0.092 bits per weight; older
-checkpoints (int32 permutations) are read as they are.
+checkpoints (int32 permutations) are read as they are. Version 4 records `tp_shards` and each
+linear's tensor-parallel ranges (`tp_ranges`, LayerGeometry): permutations and block grid stay
+inside ranges that vLLM's tensor-parallel ranks can load alone (sfmp_serve/tp.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,8 +38,11 @@ from sfmp_serve.weights_file import read_weights, write_weights
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "sfmp"
-FORMAT_VERSION = 3  # what write_checkpoint writes
-READABLE_VERSIONS = (1, 2, 3)  # 2: int32 permutations; 1: the same, without checksums
+FORMAT_VERSION = 4  # what write_checkpoint writes
+# 3: no tensor-parallel ranges; 2: int32 permutations too; 1: the same, without checksums
+READABLE_VERSIONS = (1, 2, 3, 4)
+TP_RANGES_SINCE = 4  # the format version that records tp_shards / tp_ranges
+SPLIT_DIMS = ("out", "in")  # a linear's ranges split its outputs (rows) or its inputs (columns)
 WORD_BITS = 32
 MAX_BITS = 8
 ACT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -81,6 +87,12 @@ class SFMPConfig:
     calibration: dict[str, Any] = field(default_factory=dict)
     quant_method: str = QUANT_METHOD
     format_version: int = FORMAT_VERSION
+    # Tensor-parallel readiness (version 4): the checkpoint serves at any tensor parallel size
+    # dividing tp_shards. tp_ranges: linear name relative to its decoder layer -> [dim, n]: its
+    # permutations and block grid stay inside n equal contiguous ranges of that dimension
+    # ("out": rows, "in": columns). Linears not listed are one range.
+    tp_shards: int = 1
+    tp_ranges: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, want: str) -> FormatError:
@@ -105,6 +117,25 @@ class SFMPConfig:
         twice = sorted({m for m in self.quantized_modules if self.quantized_modules.count(m) > 1})
         if twice:
             raise bad("quantized_modules", twice[0], "listed more than once")
+        if not isinstance(self.tp_shards, int) or self.tp_shards <= 0:
+            raise bad("tp_shards", self.tp_shards, "must be a positive integer")
+        if self.format_version < TP_RANGES_SINCE and (self.tp_shards != 1 or self.tp_ranges):
+            raise bad("tp_shards", self.tp_shards,
+                      f"needs format version {TP_RANGES_SINCE} (this is {self.format_version})")
+        for linear, (dim, n) in self.tp_ranges.items():
+            if dim not in SPLIT_DIMS or not isinstance(n, int) or n < 1 or self.tp_shards % n:
+                raise bad(f"tp_ranges.{linear}", [dim, n],
+                          f"expected [\"out\" or \"in\", a divisor of tp_shards "
+                          f"{self.tp_shards}]")
+
+    def split_of(self, name: str) -> tuple[str, int] | None:
+        """(dim, ranges) of the stored linear `name`; None when it has no tensor-parallel
+        split (one range, whole on every rank)."""
+        return self.tp_ranges.get(relative_name(name))
+
+    def ranges_of(self, name: str) -> tuple[int, int]:
+        """(row ranges, column ranges) of the stored linear `name` (full or relative name)."""
+        return linear_ranges(self.tp_ranges, name)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SFMPConfig":
@@ -128,6 +159,8 @@ class SFMPConfig:
         values["bit_choices"] = tuple(int(b) for b in values["bit_choices"])
         values["quantized_modules"] = tuple(values["quantized_modules"])
         values["input_groups"] = tuple(tuple(g) for g in values["input_groups"])
+        if "tp_ranges" in values:
+            values["tp_ranges"] = {k: tuple(v) for k, v in values["tp_ranges"].items()}
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +168,9 @@ class SFMPConfig:
         data["bit_choices"] = list(self.bit_choices)
         data["quantized_modules"] = list(self.quantized_modules)
         data["input_groups"] = [list(g) for g in self.input_groups]
+        data["tp_ranges"] = {k: list(v) for k, v in sorted(self.tp_ranges.items())}
+        if self.format_version < TP_RANGES_SINCE:  # not keys of older versions
+            del data["tp_shards"], data["tp_ranges"]
         return data
 
     @property
@@ -176,7 +212,27 @@ _SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method": (_is_str, "a string"),
     "method_args": (lambda v: isinstance(v, Mapping), "a JSON object"),
     "calibration": (lambda v: isinstance(v, Mapping), "a JSON object"),
+    "tp_shards": (_is_int, "an integer"),
+    "tp_ranges": (lambda v: isinstance(v, Mapping) and all(
+        isinstance(r, (list, tuple)) and len(r) == 2 and _is_str(r[0]) and _is_int(r[1])
+        for r in v.values()), 'a JSON object of [\"out\" or \"in\", integer] pairs'),
 }
+
+
+_LAYER_INDEX = re.compile(r"^(?:.*?\.)?\d+\.(.+)$")
+
+
+def linear_ranges(tp_ranges: Mapping[str, tuple[str, int]], name: str) -> tuple[int, int]:
+    """(row ranges, column ranges) of linear `name` under `tp_ranges` (SFMPConfig's)."""
+    dim, n = tp_ranges.get(relative_name(name), ("out", 1))
+    return (n, 1) if dim == "out" else (1, n)
+
+
+def relative_name(name: str) -> str:
+    """A linear's name relative to its decoder layer (`model.layers.3.mlp.down_proj` ->
+    `mlp.down_proj`); a name without a layer index is returned as it is."""
+    match = _LAYER_INDEX.match(name)
+    return match.group(1) if match else name
 
 
 def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
@@ -206,32 +262,81 @@ class LayerGeometry:
     Padding rule: edge blocks are ragged. The last block-row holds the remaining rows, the last
     group the remaining inputs; inside a group, each plane row is padded to whole 32-bit words
     with zero bits, which multiply zero-padded activations and so never contribute.
+
+    Tensor-parallel ranges (format version 4): the matrix is `row_ranges` x `col_ranges` equal
+    parts, and each part has its own grid with its own ragged edges, so no block crosses a part
+    boundary and a part is a complete linear by itself (sfmp_serve/tp.py cuts them out). Parts
+    are stored part after part (row-major over parts), each in row-major block order, so a
+    part's words are contiguous; with one part this is the plain row-major block order.
     """
 
     out_features: int
     in_features: int
     group_size: int
     block_rows: int
+    row_ranges: int = 1
+    col_ranges: int = 1
+
+    def __post_init__(self) -> None:
+        for dim, size, n in (("outputs", self.out_features, self.row_ranges),
+                             ("inputs", self.in_features, self.col_ranges)):
+            if n < 1 or size % n:
+                raise FormatError(f"{size} {dim} cannot be cut into {n} equal ranges")
+
+    @property
+    def part_rows(self) -> int:
+        return self.out_features // self.row_ranges
+
+    @property
+    def part_cols(self) -> int:
+        return self.in_features // self.col_ranges
+
+    @property
+    def part_block_rows(self) -> int:
+        return math.ceil(self.part_rows / self.block_rows)
+
+    @property
+    def part_groups(self) -> int:
+        return math.ceil(self.part_cols / self.group_size)
 
     @property
     def n_block_rows(self) -> int:
-        return math.ceil(self.out_features / self.block_rows)
+        return self.row_ranges * self.part_block_rows
 
     @property
     def n_groups(self) -> int:
-        return math.ceil(self.in_features / self.group_size)
+        return self.col_ranges * self.part_groups
+
+    @property
+    def n_parts(self) -> int:
+        return self.row_ranges * self.col_ranges
+
+    def part(self) -> "LayerGeometry":
+        """The grid of one part (all parts have the same)."""
+        return LayerGeometry(self.part_rows, self.part_cols, self.group_size, self.block_rows)
+
+    @staticmethod
+    def _tiles(size: int, tile: int, repeat: int) -> torch.Tensor:
+        count = math.ceil(size / tile)
+        t = torch.full((count,), tile, dtype=torch.int64)
+        t[-1] = size - tile * (count - 1)
+        return t.repeat(repeat)
 
     def rows(self) -> torch.Tensor:
         """Rows in each block-row, [n_block_rows]."""
-        r = torch.full((self.n_block_rows,), self.block_rows, dtype=torch.int64)
-        r[-1] = self.out_features - self.block_rows * (self.n_block_rows - 1)
-        return r
+        return self._tiles(self.part_rows, self.block_rows, self.row_ranges)
 
     def cols(self) -> torch.Tensor:
         """Inputs in each group, [n_groups]."""
-        c = torch.full((self.n_groups,), self.group_size, dtype=torch.int64)
-        c[-1] = self.in_features - self.group_size * (self.n_groups - 1)
-        return c
+        return self._tiles(self.part_cols, self.group_size, self.col_ranges)
+
+    def row_block_index(self) -> torch.Tensor:
+        """Block-row of every row, int64 [out_features]."""
+        return torch.arange(self.n_block_rows).repeat_interleave(self.rows())
+
+    def col_group_index(self) -> torch.Tensor:
+        """Group of every input, int64 [in_features]."""
+        return torch.arange(self.n_groups).repeat_interleave(self.cols())
 
     def words(self) -> torch.Tensor:
         """32-bit words per plane row in each group, [n_groups]."""
@@ -241,12 +346,21 @@ class LayerGeometry:
         """Words each block occupies, [n_block_rows, n_groups] int64."""
         return block_bits.to(torch.int64) * self.rows()[:, None] * self.words()[None, :]
 
+    def block_order(self) -> torch.Tensor:
+        """Flat (row-major) block indices in storage order: part after part, each row-major."""
+        grid = torch.arange(self.n_block_rows * self.n_groups).view(
+            self.row_ranges, self.part_block_rows, self.col_ranges, self.part_groups)
+        return grid.permute(0, 2, 1, 3).flatten()
+
     def offsets(self, block_bits: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Word offset of every block (row-major block order) and the total number of words."""
-        sizes = self.block_words(block_bits).flatten()
+        """Word offset of every block (storage order) and the total number of words."""
+        order = self.block_order()
+        sizes = self.block_words(block_bits).flatten()[order]
         ends = torch.cumsum(sizes, 0)
         total = int(ends[-1]) if ends.numel() else 0
-        return (ends - sizes).view(self.n_block_rows, self.n_groups), total
+        starts = torch.empty_like(ends)
+        starts[order] = ends - sizes
+        return starts.view(self.n_block_rows, self.n_groups), total
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +390,9 @@ class PackedLinear:
     input_perm: torch.Tensor
     output_perm: torch.Tensor
     bias: torch.Tensor | None = None
+    # (row ranges, column ranges): tensor-parallel parts (LayerGeometry); not a tensor, the
+    # config's tp_ranges says it (SFMPConfig.ranges_of)
+    ranges: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
         # One in-memory type for every version and every loader (vLLM's, transformers'):
@@ -295,7 +412,7 @@ class PackedLinear:
 
     def geometry(self, config: SFMPConfig) -> LayerGeometry:
         return LayerGeometry(self.out_features, self.in_features, config.group_size,
-                             config.block_rows)
+                             config.block_rows, *self.ranges)
 
     def to_tensors(self, prefix: str, version: int = FORMAT_VERSION) -> dict[str, torch.Tensor]:
         """The tensors as format `version` stores them."""
@@ -308,13 +425,14 @@ class PackedLinear:
         return out
 
     @classmethod
-    def from_tensors(cls, prefix: str, tensors: Mapping[str, torch.Tensor]) -> "PackedLinear":
+    def from_tensors(cls, prefix: str, tensors: Mapping[str, torch.Tensor],
+                     ranges: tuple[int, int] = (1, 1)) -> "PackedLinear":
         missing = [s for s in TENSOR_SUFFIXES if f"{prefix}.{s}" not in tensors]
         if missing:
             raise FormatError(f"layer {prefix}: missing tensor(s) "
                               f"{', '.join(f'{prefix}.{s}' for s in missing)}")
         return cls(**{s: tensors[f"{prefix}.{s}"] for s in TENSOR_SUFFIXES},
-                   bias=tensors.get(f"{prefix}.bias"))
+                   bias=tensors.get(f"{prefix}.bias"), ranges=ranges)
 
     def stored_bits(self, version: int = FORMAT_VERSION) -> int:
         """Bits this linear occupies on disk in format `version` (bias excluded: it is not part
@@ -347,11 +465,24 @@ class PackedLinear:
         if shape is not None and (n, k) != tuple(shape):
             raise fail("output_perm", f"layer is [{n}, {k}] in the checkpoint but "
                                       f"[{shape[0]}, {shape[1]}] in the model")
-        geo = self.geometry(config)
-        for perm, length in (("input_perm", k), ("output_perm", n)):
+        try:
+            geo = self.geometry(config)
+        except FormatError as e:
+            raise FormatError(f"layer {name}: tensor-parallel ranges {list(self.ranges)}: "
+                              f"{e}") from None
+        for perm, length, n_ranges in (("input_perm", k, geo.col_ranges),
+                                       ("output_perm", n, geo.row_ranges)):
             p = expect(perm, torch.int32, (length,))
             if not torch.equal(torch.sort(p.to(torch.int64)).values, torch.arange(length)):
                 raise fail(perm, f"not a permutation of 0..{length - 1}")
+            if n_ranges > 1:  # every range's entries stay inside the range
+                size = length // n_ranges
+                home = torch.arange(length) // size
+                stray = (p.to(torch.int64) // size != home).nonzero()
+                if stray.numel():
+                    i = int(stray[0])
+                    raise fail(perm, f"entry {i} = {int(p[i])} leaves its tensor-parallel range "
+                                     f"{int(home[i])} of {n_ranges} ({size} each)")
         expect("alpha", config.torch_act_dtype, (n, geo.n_groups))
         expect("beta", config.torch_act_dtype, (n, geo.n_groups))
         for t in ("alpha", "beta"):
@@ -416,7 +547,7 @@ class Checkpoint:
     files: dict[str, Path] = field(default_factory=dict)  # tensor name -> file holding it
 
     def packed(self, name: str) -> PackedLinear:
-        return PackedLinear.from_tensors(name, self.tensors)
+        return PackedLinear.from_tensors(name, self.tensors, self.config.ranges_of(name))
 
     def bit_stats(self) -> BitStats:
         return BitStats.of((self.packed(n) for n in self.config.quantized_modules), self.config)

@@ -14,6 +14,8 @@ executes (device, --low-memory, shard size, resume) is not part of it.
     levels: 2                     # 2: floor/ceil of the target; 3: three widths
     bit_choices: null             # or e.g. [2, 3, 4]
     policy: perturbation          # block ranking: perturbation (FGMP) or salience
+    tp_shards: null               # tensor-parallel ranges: null = the largest <= 8 the model
+                                  # takes; 1 = none (docs/multi-gpu.md)
     uniform: false                # plain baseline: no salience, one integer width
     block: {group_size: 128, rows: 512}
     method: {name: gptq, args: {percdamp: 0.01, blocksize: 128, damp_retries: 3, clip: fisher}}
@@ -174,7 +176,7 @@ class Overrides:
 _SECTIONS = {"block": Block, "method": Method, "calibration": Calibration,
              "overrides": Overrides}
 _SCALARS = {"bits": (float, True), "budget_gb": (float, True), "levels": (int, False),
-            "uniform": (bool, False), "policy": (str, False)}
+            "uniform": (bool, False), "policy": (str, False), "tp_shards": (int, True)}
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class Recipe:
     bit_choices: tuple[int, ...] | None = None
     uniform: bool = False
     policy: str = DEFAULT_POLICY
+    tp_shards: int | None = None
     block: Block = field(default_factory=Block)
     method: Method = field(default_factory=Method)
     calibration: Calibration = field(default_factory=Calibration)
@@ -262,7 +265,7 @@ class Recipe:
             "version": self.version, "bits": self.bits, "budget_gb": self.budget_gb,
             "levels": self.levels,
             "bit_choices": None if self.bit_choices is None else list(self.bit_choices),
-            "uniform": self.uniform, "policy": self.policy,
+            "uniform": self.uniform, "policy": self.policy, "tp_shards": self.tp_shards,
             "block": {"group_size": self.block.group_size, "rows": self.block.rows},
             "method": {"name": self.method.name, "args": dict(self.method.args)},
             "calibration": dataclasses.asdict(self.calibration),
@@ -321,7 +324,7 @@ class Recipe:
             method_args=dict(self.method.args), calib=self.calibration.source,
             nsamples=self.calibration.nsamples, seqlen=self.calibration.seqlen,
             seed=self.calibration.seed, device=device, uniform=self.uniform,
-            policy=self.policy,
+            policy=self.policy, tp_shards=self.tp_shards,
             salience_cache=salience_cache, low_memory=low_memory,
             ignore=self.overrides.ignore, pins=self.overrides.pin)
 
@@ -330,7 +333,7 @@ class Recipe:
         """The recipe of a pipeline QuantizeOptions (the inverse of `options`)."""
         return cls(bits=options.bits, budget_gb=options.budget_gb, levels=options.levels,
                    bit_choices=options.bit_choices, uniform=options.uniform,
-                   policy=options.policy,
+                   policy=options.policy, tp_shards=options.tp_shards,
                    block=Block(options.group_size, options.block_rows),
                    method=Method(options.method, dict(options.method_args)),
                    calibration=Calibration(options.calib, options.nsamples, options.seqlen,

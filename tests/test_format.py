@@ -42,7 +42,7 @@ def test_round_trip(checkpoint):
     assert (config.avg_bits, config.bits_per_weight) == (4.0, 5.0)
     assert ckpt.config == replace(config, avg_bits=round(stats.avg_bits, 6),
                                   bits_per_weight=round(stats.bits_per_weight, 6))
-    assert ckpt.config.format_version == FORMAT_VERSION == 3
+    assert ckpt.config.format_version == FORMAT_VERSION == 4
     assert ckpt.hf_config["model_type"] == "llama"
     loaded = ckpt.packed(NAME)
     for key, tensor in packed.to_tensors(NAME).items():
@@ -97,7 +97,7 @@ def test_shape_against_the_model(checkpoint):
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"format_version": 4}, "format_version=4.*unknown format version"),
+    ({"format_version": 5}, "format_version=5.*unknown format version"),
     ({"group_sise": 16}, "unknown key"),
     ({"group_size": 12}, "multiple of 8"),
     ({"act_dtype": "float8"}, "act_dtype"),

@@ -33,7 +33,7 @@ def test_every_tensor_has_its_digest_in_the_header(ckpt):
     with safe_open(ckpt / WEIGHTS_FILE, framework="pt") as f:
         meta = f.metadata()
         digests = json.loads(meta["sfmp_checksums"])
-        assert meta["sfmp_checksum"] == "blake3" and meta["sfmp_format_version"] == "3"
+        assert meta["sfmp_checksum"] == "blake3" and meta["sfmp_format_version"] == "4"
         assert set(digests) == set(f.keys())
         for key in f.keys():
             assert digests[key] == tensor_digest(key, f.get_tensor(key))

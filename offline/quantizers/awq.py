@@ -254,6 +254,9 @@ def group_grams(x: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
     """Gram matrix of every input group, [n_groups, group_size, group_size] (the diagonal
     blocks of gram(x)); a ragged last group is zero-padded, so padding never adds error."""
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if geometry.col_ranges > 1:  # each tensor-parallel range has its own ragged last group
+        part = geometry.part()
+        return torch.cat([group_grams(c, part) for c in x.split(part.in_features, dim=1)])
     t, k = x.shape
     pad = geometry.n_groups * geometry.group_size - k
     if pad:

@@ -50,13 +50,24 @@ def group_slices(geometry: LayerGeometry) -> list[tuple[int, int]]:
 
 
 def grouped(w: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
-    """[N, K] -> [N, n_groups, group_size]; a ragged last group is padded by repeating its
-    last column, which changes neither its min nor its max."""
+    """[N, K] -> [N, n_groups, group_size]; a ragged group (the last of each tensor-parallel
+    range) is padded by repeating its last column, which changes neither its min nor its max."""
+    if geometry.col_ranges > 1:
+        part = geometry.part()
+        return torch.cat([grouped(c, part) for c in w.split(part.in_features, dim=1)], dim=1)
     n, k = w.shape
     pad = geometry.n_groups * geometry.group_size - k
     if pad:
         w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
     return w.reshape(n, geometry.n_groups, geometry.group_size)
+
+
+def ungrouped(g: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
+    """Inverse of `grouped`: [N, n_groups, group_size] -> [N, K], padding dropped."""
+    if geometry.col_ranges > 1:
+        part = geometry.part()
+        return torch.cat([ungrouped(c, part) for c in g.split(part.n_groups, dim=1)], dim=1)
+    return g.flatten(1)[:, :geometry.in_features]
 
 
 # Clip ratios tried by the Fisher-weighted clipping: 1.0 (plain min-max) is always one of them,
@@ -92,6 +103,10 @@ def weighted_clip_params(w: torch.Tensor, fisher: torch.Tensor, maxq: torch.Tens
 def grouped_fisher(fisher: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor:
     """A reordered Fisher diagonal [N, K] as [N, n_groups, group_size] (float32), like
     `grouped`, except that padding columns (which repeat a real one there) weigh nothing."""
+    if geometry.col_ranges > 1:
+        part = geometry.part()
+        return torch.cat([grouped_fisher(c, part)
+                          for c in fisher.split(part.in_features, dim=1)], dim=1)
     f = torch.zeros(fisher.shape[0], geometry.n_groups * geometry.group_size,
                     dtype=torch.float32, device=fisher.device)
     f[:, :geometry.in_features] = fisher.to(torch.float32)
@@ -107,8 +122,8 @@ def fisher_clipped_minmax(weight: torch.Tensor, fisher: torch.Tensor, block_bits
     maxq = max_code(row_group_bits(block_bits, geometry)).to(groups.device)  # [N, n_groups]
     scale, zero, _ = weighted_clip_params(groups, grouped_fisher(fisher, geometry), maxq, grid)
     codes = quantize_codes(groups, scale[..., None], zero[..., None], maxq[..., None])
-    return QuantizedCodes(codes=codes.flatten(1)[:, :geometry.in_features].to(torch.uint8),
-                          scale=scale, zero=zero)
+    return QuantizedCodes(codes=ungrouped(codes, geometry).to(torch.uint8), scale=scale,
+                          zero=zero)
 
 
 def quantize_minmax(weight: torch.Tensor, block_bits: torch.Tensor, geometry: LayerGeometry,
@@ -125,7 +140,7 @@ def quantize_minmax(weight: torch.Tensor, block_bits: torch.Tensor, geometry: La
         wmin, wmax = wmin * shrink, wmax * shrink
     scale, zero = minmax_params(wmin, wmax, maxq)
     codes = quantize_codes(groups, scale[..., None], zero[..., None], maxq[..., None])
-    codes = codes.flatten(1)[:, :geometry.in_features].to(torch.uint8)
+    codes = ungrouped(codes, geometry).to(torch.uint8)
     return QuantizedCodes(codes=codes, scale=scale, zero=zero)
 
 
@@ -145,7 +160,7 @@ def fake_quantize(weight: torch.Tensor, block_bits: torch.Tensor,
     scale, zero = minmax_params(groups.amin(2, keepdim=True), groups.amax(2, keepdim=True),
                                 maxq)
     deq = quantize_codes(groups, scale, zero, maxq).sub_(zero).mul_(scale)
-    return deq.flatten(1)[:, :geometry.in_features]
+    return ungrouped(deq, geometry)
 
 
 @dataclass(frozen=True)

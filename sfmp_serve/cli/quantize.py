@@ -70,6 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how blocks are ranked for the high widths: perturbation (the "
                    "Fisher-weighted rounding error each width would leave, FGMP; the default) "
                    "or salience (summed Fisher, METHOD.md)")
+    r.add_argument("--tp-shards", type=int, metavar="K",
+                   help="keep every permutation and block inside K tensor-parallel ranges, so "
+                   "vLLM can serve the checkpoint at any --tensor-parallel-size dividing K "
+                   "(default: 8, or the largest number below it that the model's heads and "
+                   "widths divide into; 1: one global order, TP 1 only)")
     r.add_argument("--group-size", type=int,
                    help="inputs per quantization group, multiple of 8 (default 128)")
     r.add_argument("--block-rows", type=int, help="output rows per allocation block "
@@ -164,7 +169,7 @@ def build_recipe(args: argparse.Namespace) -> "Recipe":
         top.update(bits=args.bits, budget_gb=None)
     if args.budget_gb is not None:
         top.update(budget_gb=args.budget_gb, bits=None)
-    for key in ("levels", "uniform", "policy"):
+    for key in ("levels", "uniform", "policy", "tp_shards"):
         if getattr(args, key) is not None:
             top[key] = getattr(args, key)
     if args.bit_choices is not None:

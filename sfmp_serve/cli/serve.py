@@ -45,6 +45,10 @@ VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 # vLLM options this command sets itself.
 _OWN_OPTIONS = ("--model", "--quantization", "-q")
 _TP_OPTIONS = ("--tensor-parallel-size", "-tp")
+_PP_OPTIONS = ("--pipeline-parallel-size", "-pp")
+# vLLM's CPU workers bind their OpenMP threads to cores; its automatic binding asserts with
+# several workers on one NUMA node (every 1-socket machine), so `sfmp serve` splits the cores.
+_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 # vLLM options (and the legacy variable) that size the CPU KV cache.
 _KV_OPTIONS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
 _KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -98,11 +102,12 @@ def split_args(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]
         if name in _OWN_OPTIONS:
             raise SFMPError(f"option {name}: `sfmp serve` sets it (the model is the CKPT "
                             "argument, the quantization is sfmp)")
-        if name in _TP_OPTIONS:
+        if name in _TP_OPTIONS or name in _PP_OPTIONS:
             value = inline or (rest[i + 1] if i + 1 < len(rest) else "")
-            if value != "1":
-                raise SFMPError(f"option {name} {value}: SFMP serving supports tensor parallel "
-                                "size 1 only; run one replica per GPU instead")
+            if not value.isdigit() or int(value) < 1:
+                raise SFMPError(f"option {name} {value!r}: expected a positive integer")
+            setattr(known, "tensor_parallel" if name in _TP_OPTIONS else "pipeline_parallel",
+                    int(value))
     known.loud = known.loud or getattr(args, "verbose", False)
     return known, rest
 
@@ -118,15 +123,34 @@ def log_path(given: str | None, port: int) -> Path:
     return path
 
 
-def check_checkpoint(path: str, verify: bool = True) -> None:
-    """Check the checkpoint completely before vLLM starts (sfmp_serve.preflight)."""
+def check_checkpoint(path: str, verify: bool = True, tensor_parallel: int = 1) -> None:
+    """Check the checkpoint completely before vLLM starts (sfmp_serve.preflight), and that
+    it can be served at the tensor parallel size asked for."""
+    from sfmp_serve.format import SFMPConfig, read_hf_config
     from sfmp_serve.preflight import check_checkpoint as preflight
+    from sfmp_serve.tp import check_tensor_parallel
 
     report = preflight(path, verify)
+    config = SFMPConfig.from_dict(read_hf_config(path)["quantization_config"])
+    try:
+        check_tensor_parallel(config, tensor_parallel)
+    except SFMPError as e:
+        raise SFMPError(f"{path}: {e}") from None
     if not verify:
         logger.warning("%s: --no-verify: tensors not compared with their checksums; "
                        "corruption after export goes unnoticed", path)
     logger.debug("%s", report)
+
+
+def cpu_binding(workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `workers` CPU workers: the cores this process may use, in
+    equal consecutive sets ("0-7|8-15"), or "nobind" when there are fewer cores than workers."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < workers:
+        return "nobind"
+    size = len(cores) // workers
+    sets = [cores[i * size:(i + 1) * size] for i in range(workers)]
+    return "|".join(",".join(map(str, s)) for s in sets)
 
 
 def available_memory() -> int:
@@ -205,10 +229,15 @@ def run(args: argparse.Namespace) -> int:
 
     own, extra = split_args(args)
     quiet = None if own.loud else quiet_for(log_path(own.log_file, own.port), own.host, own.port)
-    check_checkpoint(args.checkpoint, not own.no_verify)
+    check_checkpoint(args.checkpoint, not own.no_verify, getattr(own, "tensor_parallel", 1))
     env = dict(os.environ)
     env[PREFLIGHT_ENV] = os.path.realpath(args.checkpoint)  # the plugin need not check again
     env["PYTHONWARNINGS"] = child_warnings(env)
+    workers = getattr(own, "tensor_parallel", 1) * getattr(own, "pipeline_parallel", 1)
+    if workers > 1 and _BIND_ENV not in env:
+        env[_BIND_ENV] = cpu_binding(workers)
+        logger.info("%s=%s (vLLM's CPU workers: one set of cores each; ignored on GPUs)",
+                    _BIND_ENV, env[_BIND_ENV])
     own_metrics_dir = not env.get("PROMETHEUS_MULTIPROC_DIR")
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir(env)
     command = vllm_command(args.checkpoint, own.host, own.port,

@@ -47,11 +47,13 @@ class SFMPQuantizationConfig(QuantizationConfigMixin):
         return self.sfmp.to_dict()
 
 
-def _empty_packed(name: str, stored: dict[str, torch.Tensor]) -> PackedLinear:
+def _empty_packed(name: str, stored: dict[str, torch.Tensor],
+                  ranges: tuple[int, int]) -> PackedLinear:
     """Meta tensors shaped like the stored ones (already validated), for transformers to fill."""
     tensors = {suffix: torch.empty_like(stored[f"{name}.{suffix}"], device="meta")
                for suffix in (*TENSOR_SUFFIXES, "bias") if f"{name}.{suffix}" in stored}
-    return PackedLinear(**{s: tensors[s] for s in TENSOR_SUFFIXES}, bias=tensors.get("bias"))
+    return PackedLinear(**{s: tensors[s] for s in TENSOR_SUFFIXES}, bias=tensors.get("bias"),
+                        ranges=ranges)
 
 
 class SFMPHfQuantizer(HfQuantizer):
@@ -95,7 +97,8 @@ class SFMPHfQuantizer(HfQuantizer):
                 if spec.stored_key(f"{spec.layers_path}.{i}.{spec.moe.expert_linears(0)[0]}")
                 in quantized])
         for name in config.quantized_modules:
-            replace_module(model, name, SFMPLinear(_empty_packed(name, ckpt.tensors), config))
+            replace_module(model, name, SFMPLinear(
+                _empty_packed(name, ckpt.tensors, config.ranges_of(name)), config))
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         config = self.quantization_config.sfmp

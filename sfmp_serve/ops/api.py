@@ -38,6 +38,7 @@ from sfmp_serve import metrics
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import PackedLinear, SFMPConfig
 from sfmp_serve.ops.runtime import FusedLayer, LayerSpec, fuse_shards
+from sfmp_serve.tp import serving_parts
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,22 @@ class _Entry:
     backend: Backend
     state: Any
     spec: LayerSpec
+    # Further input parts of a layer whose inputs are split into ranges that do not line up
+    # with the groups (sfmp_serve/tp.py): (start, stop, backend, state) each, outputs summed.
+    more: tuple[tuple[int, int, Backend, Any], ...] = ()
+    stop: int | None = None  # last input column of the first part when there are more
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.nbytes + sum(m[3].nbytes for m in self.more)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.more:
+            return self.backend.apply(x, self.state)
+        y = self.backend.apply(x[:, :self.stop].contiguous(), self.state)
+        for start, stop, backend, state in self.more:
+            y = y + backend.apply(x[:, start:stop].contiguous(), state)
+        return y
 
 
 _BACKENDS: dict[str, list[tuple[int, Backend]]] = {}
@@ -124,22 +141,29 @@ def select_backend(spec: LayerSpec) -> Backend:
 def prepare_layer(name: str, shard_names: tuple[str, ...], shards: tuple[PackedLinear, ...],
                   config: SFMPConfig, act_dtype: torch.dtype,
                   device: torch.device | str) -> LayerHandle:
-    """Build the runtime state of one layer once, and register it under `name` for the op."""
-    fused = fuse_shards(name, shard_names, shards, config, act_dtype, device)
-    backend = select_backend(fused.spec)
-    state = backend.prepare(fused)
+    """Build the runtime state of one layer once, and register it under `name` for the op.
+
+    Shards may carry tensor-parallel ranges (a version 4 checkpoint, or one rank's share of
+    it): they are cut into plain linears first (sfmp_serve/tp.py)."""
+    prepared = []
+    for part in serving_parts(shard_names, shards, config):
+        fused = fuse_shards(name, part.names, part.shards, config, act_dtype, device)
+        backend = select_backend(fused.spec)
+        prepared.append((part.start, part.stop, backend, backend.prepare(fused), fused.spec))
+    first = prepared[0]
+    entry = _Entry(first[2], first[3], first[4], tuple(p[:4] for p in prepared[1:]), first[1])
     if name in _LAYERS:
-        metrics.add_weight_bytes(-_LAYERS[name].state.nbytes)
+        metrics.add_weight_bytes(-_LAYERS[name].nbytes)
         logger.debug("replacing prepared SFMP layer %s", name)
-    _LAYERS[name] = _Entry(backend, state, fused.spec)
-    metrics.add_weight_bytes(state.nbytes)
-    return LayerHandle(name, fused.spec.out_features, backend.name, state.nbytes)
+    _LAYERS[name] = entry
+    metrics.add_weight_bytes(entry.nbytes)
+    return LayerHandle(name, first[4].out_features, entry.backend.name, entry.nbytes)
 
 
 def release_layer(name: str) -> None:
     entry = _LAYERS.pop(name, None)
     if entry is not None:
-        metrics.add_weight_bytes(-entry.state.nbytes)
+        metrics.add_weight_bytes(-entry.nbytes)
 
 
 def prepared_layers() -> dict[str, LayerSpec]:
@@ -157,7 +181,7 @@ def _sfmp_linear(x: torch.Tensor, layer: str, out_features: int) -> torch.Tensor
     x2 = x.reshape(-1, x.shape[-1])
     path = "decode" if x2.shape[0] <= DECODE_MAX_M else "prefill"
     start = time.perf_counter()
-    y = entry.backend.apply(x2, entry.state)
+    y = entry.apply(x2)
     # On asynchronous devices this is launch time, not kernel time.
     metrics.observe_op(path, time.perf_counter() - start)
     return y.reshape(*x.shape[:-1], out_features)

@@ -17,6 +17,7 @@ from vllm.model_executor.layers.quantization.base_config import (QuantizationCon
 from sfmp_serve.arch import ARCHITECTURES, ArchSpec, arch_for
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import QUANT_METHOD, SFMPConfig
+from sfmp_serve.tp import check_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +132,6 @@ class SFMPQuantConfig(QuantizationConfig):
             raise SFMPError(f"layer {prefix}: vLLM fuses {names} into one layer, but "
                             f"{missing} are not in quantization_config.quantized_modules; "
                             "quantize all or none of them")
-        tp = _tensor_parallel_size()
-        if tp > 1:
-            raise SFMPError(f"layer {prefix}: SFMP serving supports tensor parallel size 1 "
-                            f"only (got {tp}); run one replica per GPU instead")
+        check_tensor_parallel(self.sfmp, _tensor_parallel_size())
         from sfmp_serve.quant_method.linear_method import SFMPLinearMethod
         return SFMPLinearMethod(self.sfmp, prefix, shards)

@@ -2,7 +2,8 @@
 
 Lifecycle (vLLM's):
 1. create_weights: empty placeholder parameters named like the checkpoint tensors, with a
-   weight_loader that keeps each shard's tensors as they arrive (shard ids "q"/"k"/"v" or 0/1
+   weight_loader that keeps each shard's tensors as they arrive (under tensor parallelism only
+   this rank's slice of each, cut as it arrives: sfmp_serve/tp.py) (shard ids "q"/"k"/"v" or 0/1
    for layers vLLM fuses from several stored linears, in any order; None for a layer that is
    one stored linear, which may still cover several of vLLM's output partitions: Phi-3's
    qkv_proj).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import replace
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase
@@ -26,8 +28,11 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from sfmp_serve import metrics
 from sfmp_serve.errors import FormatError, SFMPError
-from sfmp_serve.format import TENSOR_SUFFIXES, BitStats, PackedLinear, SFMPConfig, perm_dtype
+from sfmp_serve import tp
+from sfmp_serve.format import (TENSOR_SUFFIXES, BitStats, LayerGeometry, PackedLinear,
+                               SFMPConfig, perm_dtype)
 from sfmp_serve.ops import api
+from sfmp_serve.tp import rank_share
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +73,35 @@ class SFMPLinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
                        params_dtype: torch.dtype, **extra_weight_attrs) -> None:
-        if (input_size_per_partition != input_size
-                or sum(output_partition_sizes) != output_size):
-            raise SFMPError(f"layer {self.prefix}: SFMP layers cannot be split across tensor "
-                            "parallel ranks; use tensor parallel size 1")
+        split_in = input_size_per_partition != input_size
+        split_out = sum(output_partition_sizes) != output_size
         if len(output_partition_sizes) == len(self.shard_names):
-            self.shapes = [(n, input_size) for n in output_partition_sizes]
+            self.shapes = [(n, input_size_per_partition) for n in output_partition_sizes]
         elif len(self.shard_names) == 1:  # fused in the checkpoint: one linear, every partition
-            self.shapes = [(sum(output_partition_sizes), input_size)]
+            self.shapes = [(sum(output_partition_sizes), input_size_per_partition)]
         else:
             raise SFMPError(f"layer {self.prefix}: vLLM expects {len(output_partition_sizes)} "
                             f"shards, the checkpoint has {list(self.shard_names)}")
+        # This rank's share of each stored linear (None: the whole linear).
+        tp_size, rank = getattr(layer, "tp_size", 1), getattr(layer, "tp_rank", 0)
+        self.shares, self.full = [], []
+        for name, (rows, cols) in zip(self.shard_names, self.shapes):
+            ranges = self.config.ranges_of(name)
+            share = (rank_share(name, self.config.split_of(name), tp_size, rank)
+                     if split_in or split_out else None)
+            if share is not None and (share.dim == "in") != split_in:
+                raise SFMPError(f"layer {name}: vLLM splits its "
+                                f"{'inputs' if split_in else 'outputs'} over {tp_size} ranks, "
+                                f"the checkpoint's ranges split its {share.dim}puts")
+            if share is None:
+                full = (rows, cols)
+            elif split_in:
+                full = (rows, input_size)
+            else:  # a rank holds `count` of the n equal output ranges
+                full = (rows // share.count * share.n, cols)
+            self.shares.append(share)
+            self.full.append(LayerGeometry(*full, self.config.group_size,
+                                           self.config.block_rows, *ranges))
         setattr(layer, _LOADED, {})
         for suffix in TENSOR_SUFFIXES:
             param = torch.nn.Parameter(
@@ -104,21 +127,39 @@ class SFMPLinearMethod(LinearMethodBase):
     def _load(self, layer: torch.nn.Module, suffix: str, param: torch.nn.Parameter,
               loaded_weight: torch.Tensor, shard_id: str | int | None = None) -> None:
         index = self._shard_index(suffix, shard_id)
-        getattr(layer, _LOADED).setdefault(index, {})[suffix] = loaded_weight
+        kept = getattr(layer, _LOADED).setdefault(index, {})
+        share, geo = self.shares[index], self.full[index]
+        if share is None:
+            kept[suffix] = loaded_weight
+            return
+        # Keep only this rank's slice. qweight is cut by the full block_offsets, which the
+        # checkpoint's (sorted) tensor order delivers first; otherwise it waits for them.
+        if suffix == "block_offsets":
+            kept["_offsets"] = loaded_weight.clone()
+            pending = kept.pop("_qweight", None)
+            if pending is not None:
+                kept["qweight"] = tp.narrow("qweight", pending, geo, share, loaded_weight)
+        if suffix == "qweight" and "_offsets" not in kept:
+            kept["_qweight"] = loaded_weight
+            return
+        kept[suffix] = tp.narrow(suffix, loaded_weight, geo, share, kept.get("_offsets"))
 
     def _packed_shards(self, layer: torch.nn.Module) -> tuple[PackedLinear, ...]:
         loaded = getattr(layer, _LOADED)
         shards = []
         for index, (name, shape) in enumerate(zip(self.shard_names, self.shapes)):
             tensors = {f"{name}.{k}": v for k, v in loaded.get(index, {}).items()}
-            packed = PackedLinear.from_tensors(name, tensors)  # names missing tensors
+            share, geo = self.shares[index], self.full[index]
+            packed = PackedLinear.from_tensors(name, tensors, self.config.ranges_of(name))
+            if share is not None:
+                packed = tp.localize(packed, geo, share)
             packed.validate(name, self.config, shape)
             shards.append(packed)
         return tuple(shards)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         device = layer.qweight.device
-        shards = tuple(PackedLinear(**{k: getattr(p, k).to(device) for k in TENSOR_SUFFIXES})
+        shards = tuple(replace(p, **{k: getattr(p, k).to(device) for k in TENSOR_SUFFIXES})
                        for p in self._packed_shards(layer))
         self.handle = api.prepare_layer(self.prefix, self.shard_names, shards, self.config,
                                         layer.params_dtype, device)

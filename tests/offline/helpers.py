@@ -16,12 +16,21 @@ def make_config(group_size: int = 16, block_rows: int = 8,
                       quantized_modules=modules, input_groups=(("lin",),))
 
 
+def confined_perm(length: int, ranges: int, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation that keeps every entry inside its range (tensor-parallel ranges)."""
+    size = length // ranges
+    return torch.cat([torch.randperm(size, generator=gen) + i * size
+                      for i in range(ranges)]).to(torch.int32)
+
+
 def random_packed(n: int, k: int, config: SFMPConfig, seed: int = 0,
-                  bias: bool = False) -> tuple[PackedLinear, torch.Tensor]:
-    """A PackedLinear with random block bits, codes, scales and permutations, plus the
-    reordered weight it represents (float64: scale * (code - zero))."""
+                  bias: bool = False, ranges: tuple[int, int] = (1, 1),
+                  ) -> tuple[PackedLinear, torch.Tensor]:
+    """A PackedLinear with random block bits, codes, scales and permutations (inside their
+    tensor-parallel `ranges`), plus the reordered weight it represents (float64:
+    scale * (code - zero))."""
     gen = torch.Generator().manual_seed(seed)
-    geo = LayerGeometry(n, k, config.group_size, config.block_rows)
+    geo = LayerGeometry(n, k, config.group_size, config.block_rows, *ranges)
     choices = torch.tensor(config.bit_choices)
     block_bits = choices[torch.randint(0, len(choices), (geo.n_block_rows, geo.n_groups),
                                        generator=gen)].to(torch.uint8)
@@ -38,9 +47,9 @@ def random_packed(n: int, k: int, config: SFMPConfig, seed: int = 0,
     dtype = config.torch_act_dtype
     packed = PackedLinear(
         qweight=qweight, alpha=alpha.to(dtype), beta=beta.to(dtype), block_bits=block_bits,
-        block_offsets=offsets, input_perm=torch.randperm(k, generator=gen).to(torch.int32),
-        output_perm=torch.randperm(n, generator=gen).to(torch.int32),
-        bias=torch.randn(n, generator=gen).to(dtype) if bias else None)
+        block_offsets=offsets, input_perm=confined_perm(k, ranges[1], gen),
+        output_perm=confined_perm(n, ranges[0], gen),
+        bias=torch.randn(n, generator=gen).to(dtype) if bias else None, ranges=ranges)
     weight = scale.repeat_interleave(geo.cols(), 1) * (
         codes.to(torch.float64) - zero.repeat_interleave(geo.cols(), 1))
     return packed, weight

@@ -88,8 +88,9 @@ def direct_minmax_g32(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 def test_uniform_rtn_is_plain_group_quantization(tiny_llama, tmp_path):
     out = tmp_path / "uniform"
+    # one tensor-parallel range: groups of 32 over the whole width, as plain g32 lays them
     assert main(["quantize", str(tiny_llama), "--bits", "3", "--uniform", "--method", "rtn",
-                 *SMALL, "--out", str(out)]) == 0
+                 "--tp-shards", "1", *SMALL, "--out", str(out)]) == 0
     ckpt = load_checkpoint(out)
     original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).state_dict()
     for name in ckpt.config.quantized_modules:

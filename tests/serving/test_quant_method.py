@@ -103,7 +103,8 @@ def test_method_choice_per_layer(monkeypatch):
                                         r"\['model.layers.0.mlp.up_proj'\] are not in"):
         cfg.get_quant_method(FakeLinear(), "model.layers.0.mlp.gate_up_proj")
     monkeypatch.setattr(config_module, "_tensor_parallel_size", lambda: 2)
-    with pytest.raises(SFMPError, match="tensor parallel size 1 only"):
+    with pytest.raises(SFMPError, match="tensor parallel size 2 does not divide the "
+                                        "checkpoint's tp_shards=1"):
         cfg.get_quant_method(FakeLinear(), f"{ATTN}.qkv_proj")
 
 

@@ -135,8 +135,9 @@ def test_sigterm_reaches_the_child_and_ends_the_command(monkeypatch, checkpoint,
 @pytest.mark.parametrize("extra, message", [
     (["--quantization", "awq"], "option --quantization: `sfmp serve` sets it"),
     (["--model=x"], "option --model: `sfmp serve` sets it"),
-    (["-tp", "2"], "option -tp 2: SFMP serving supports tensor parallel size 1 only"),
-    (["--tensor-parallel-size=4"], "tensor parallel size 1 only"),
+    (["-tp", "2"], "tensor parallel size 2 does not divide the checkpoint's tp_shards=1"),
+    (["--tensor-parallel-size=x"], "option --tensor-parallel-size 'x': expected a positive "
+                                   "integer"),
 ])
 def test_rejects_options_it_owns_or_cannot_serve(checkpoint, capsys, extra, message):
     assert cli_main.main(["serve", str(checkpoint), *extra]) == 2
