@@ -67,6 +67,7 @@ class CheckpointSummary:
     verified: str | None = None  # what --verify checked, None without it
     # sparse block -> expert index -> average bits of that expert's projections
     expert_bits: dict[str, dict[int, float]] = field(default_factory=dict)
+    tp_shards: int = 1  # serves at every tensor parallel size dividing it
 
     def to_json(self) -> dict:
         return {
@@ -79,7 +80,7 @@ class CheckpointSummary:
             "compression": self.original_size_bytes / self.size_bytes,
             "bit_histogram": {t: {str(b): n for b, n in sorted(h.items())}
                               for t, h in self.histogram.items()},
-            "verified": self.verified is not None,
+            "verified": self.verified is not None, "tp_shards": self.tp_shards,
             "expert_bits": {block: {str(e): bits for e, bits in experts.items()}
                             for block, experts in self.expert_bits.items()},
         }
@@ -137,7 +138,8 @@ def summarize(path: str | os.PathLike, verify: bool = False) -> CheckpointSummar
     return CheckpointSummary(
         Path(path), cfg.act_dtype, cfg.group_size, cfg.block_rows, cfg.bit_choices,
         stats.weights, stats.avg_bits, stats.bits_per_weight, size, _original_size(ckpt),
-        {t: dict(h) for t, h in histogram.items()}, linears, verified, expert_bits(linears))
+        {t: dict(h) for t, h in histogram.items()}, linears, verified, expert_bits(linears),
+        cfg.tp_shards)
 
 
 def format_summary(s: CheckpointSummary) -> str:
@@ -150,6 +152,7 @@ def format_summary(s: CheckpointSummary) -> str:
         f"{', '.join(map(str, s.bit_choices))}",
         f"avg bits     {s.avg_bits:.3f} (code bits per weight)",
         f"bits/weight  {s.bits_per_weight:.3f} (incl. scales, bit/offset tables, permutations)",
+        f"tensor par.  serves at tensor parallel sizes dividing {s.tp_shards} (--tp-shards)",
         f"size         {s.size_bytes / mb:.2f} MB on disk vs {s.original_size_bytes / mb:.2f} MB "
         f"unquantized ({s.act_dtype}): {s.original_size_bytes / s.size_bytes:.2f}x smaller",
         "bit-widths per layer type (share of its weights):",

@@ -194,3 +194,61 @@ def test_config_records_ranges_only_from_version_4() -> None:
     assert config.ranges_of("model.layers.7.mlp.down_proj") == (1, 4)
     assert config.ranges_of("model.layers.7.mlp.up_proj") == (1, 1)
     assert SFMPConfig.from_dict(config.to_dict()) == config
+
+
+def _llama_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int):
+    from offline.tp_plan import LinearShape
+
+    head = hidden // heads
+    return [LinearShape("self_attn.q_proj", hidden, hidden),
+            LinearShape("self_attn.k_proj", kv_heads * head, hidden),
+            LinearShape("self_attn.v_proj", kv_heads * head, hidden),
+            LinearShape("self_attn.o_proj", hidden, hidden),
+            LinearShape("mlp.gate_proj", intermediate, hidden),
+            LinearShape("mlp.up_proj", intermediate, hidden),
+            LinearShape("mlp.down_proj", hidden, intermediate)]
+
+
+def test_shards_the_model_cannot_take_are_refused_naming_layer_and_numbers(caplog):
+    from offline.tp_plan import plan_tp
+    from sfmp_serve.arch import LLAMA_LIKE, PHI3
+    from offline.tp_plan import LinearShape
+
+    smollm = {"num_attention_heads": 9, "num_key_value_heads": 3}
+    with pytest.raises(SFMPError, match="--tp-shards 8: layer self_attn.q_proj has 9 attention "
+                                        "heads, which cannot be split into 8 equal"):
+        plan_tp(8, LLAMA_LIKE, smollm, _llama_shapes(576, 1536, 9, 3))
+    with pytest.raises(SFMPError, match="--tp-shards 2: layer mlp.gate_proj has 201 rows"):
+        plan_tp(2, LLAMA_LIKE, {"num_attention_heads": 4, "num_key_value_heads": 2},
+                _llama_shapes(128, 201, 4, 2))
+    with pytest.raises(SFMPError, match="--tp-shards 4: layer self_attn.k_proj has 3 KV heads"):
+        plan_tp(4, LLAMA_LIKE, {"num_attention_heads": 12, "num_key_value_heads": 3},
+                _llama_shapes(384, 512, 12, 3))
+    with pytest.raises(SFMPError, match="layer self_attn.qkv_proj of a Phi-3 model has no "
+                                        "tensor-parallel split"):
+        plan_tp(2, PHI3, {"num_attention_heads": 4},
+                [LinearShape("self_attn.qkv_proj", 384, 128)])
+    # the default: 8 where it fits, else the largest that does, with the reason logged
+    assert plan_tp(None, LLAMA_LIKE, {"num_attention_heads": 32, "num_key_value_heads": 8},
+                   _llama_shapes(4096, 14336, 32, 8)).shards == 8
+    with caplog.at_level("INFO"):
+        plan = plan_tp(None, LLAMA_LIKE, smollm, _llama_shapes(576, 1536, 9, 3))
+    assert plan.shards == 3 and "9 attention heads" in caplog.text
+    assert plan.ranges["self_attn.k_proj"] == ("out", 3)
+    assert plan_tp(None, PHI3, {}, [LinearShape("self_attn.qkv_proj", 384, 128)]).shards == 1
+    # fewer KV heads than shards: one range per KV head (vLLM replicates them)
+    assert plan_tp(8, LLAMA_LIKE, {"num_attention_heads": 32, "num_key_value_heads": 4},
+                   _llama_shapes(4096, 14336, 32, 4)).ranges["self_attn.v_proj"] == ("out", 4)
+
+
+def test_cli_refuses_shards_the_model_cannot_take_in_one_line(tmp_path, capsys):
+    from sfmp_serve.cli import main as cli_main
+
+    model = make_tiny_model(tmp_path / "m", "llama", hidden=96, intermediate=200, heads=3,
+                            kv_heads=1, layers=1)
+    assert cli_main.main(["quantize", str(model), "--bits", "3", "--method", "rtn",
+                          "--tp-shards", "2", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bar
+    assert err.startswith("sfmp quantize: error: --tp-shards 2: layer self_attn.q_proj has 3 "
+                          "attention heads")
+    assert not (tmp_path / "q").exists()
