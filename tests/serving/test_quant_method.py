@@ -173,3 +173,66 @@ def test_wrong_shape_or_shard_id_is_rejected(qkv_shards):
                                                  getattr(qkv_shards[i], suffix), shard_id)
     with pytest.raises(FormatError, match=r"\[32, 64\] in the checkpoint but \[40, 64\]"):
         method.process_weights_after_loading(layer)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_each_tensor_parallel_rank_loads_and_serves_only_its_ranges(order):
+    """vLLM's loaders hand every rank the whole tensors, in the checkpoint's order or any other
+    (qweight before block_offsets waits for them): each rank keeps its ranges and its op gives
+    its rows of q/k/v, or its partial sum of o_proj, of the full layers' outputs."""
+    from sfmp_serve.format import SFMPConfig
+    from sfmp_serve.ops.reference import dequantize
+    from tests.offline.helpers import make_config
+    from tests.offline.helpers import random_packed as random_ranges
+
+    o_proj = f"{ATTN}.o_proj"
+    ranges = {"self_attn.q_proj": ("out", 4), "self_attn.k_proj": ("out", 2),
+              "self_attn.v_proj": ("out", 2), "self_attn.o_proj": ("in", 4)}
+    base = make_config(group_size=16, block_rows=8, bit_choices=(2, 3, 4),
+                       modules=(*QKV, o_proj))
+    config = SFMPConfig.from_dict({**base.to_dict(), "tp_shards": 4, "tp_ranges": ranges,
+                                   "input_groups": [["self_attn.q_proj", "self_attn.k_proj",
+                                                     "self_attn.v_proj"],
+                                                    ["self_attn.o_proj"]]})
+    qkv = [random_ranges(n, 88, config, seed=7, ranges=(r, 1))[0]
+           for n, r in ((96, 4), (48, 2), (48, 2))]
+    for shard in qkv[1:]:
+        shard.input_perm = qkv[0].input_perm  # one input group: one input order
+    o, _ = random_ranges(88, 96, config, seed=8, ranges=(1, 4))  # 24 inputs per range: ragged
+    x, h = torch.randn(3, 88), torch.randn(3, 96)
+    full_qkv = [sfmp_linear_reference(x, s, config, "dequant") for s in qkv]
+    w_o = dequantize(o, config, torch.float64)
+    quant = SFMPQuantConfig(config)
+    for tp in (2, 4):
+        partial = torch.zeros(3, 88, dtype=torch.float64)
+        for rank in range(tp):
+            for prefix, shards, ids in ((f"{ATTN}.qkv_proj", qkv, "qkv"), (o_proj, [o], [None])):
+                layer = FakeLinear()
+                layer.tp_size, layer.tp_rank = tp, rank
+                method = quant.get_quant_method(FakeLinear(), prefix)
+                method.prefix = f"{prefix}@{tp}.{rank}"  # one prepared op per simulated rank
+                if prefix == o_proj:
+                    method.create_weights(layer, 96 // tp, [88], 96, 88, torch.float32)
+                else:
+                    sizes = [96 // tp, 48 // min(tp, 2), 48 // min(tp, 2)]
+                    method.create_weights(layer, 88, sizes, 88, 192, torch.float32)
+                items = [(i, s) for i in range(len(shards)) for s in TENSOR_SUFFIXES]
+                if order:
+                    random.Random(order).shuffle(items)
+                for i, suffix in items:
+                    param = getattr(layer, suffix)
+                    param.weight_loader(param, getattr(shards[i], suffix), ids[i])
+                method.process_weights_after_loading(layer)
+                if prefix == o_proj:
+                    cols = slice(rank * 96 // tp, (rank + 1) * 96 // tp)
+                    y = method.apply(layer, h[:, cols]).double()
+                    torch.testing.assert_close(y, h[:, cols].double() @ w_o[:, cols].t(),
+                                               rtol=1e-4, atol=1e-4)
+                    partial += y
+                else:
+                    kv = rank * 2 // tp  # KV head of this rank (replicated at TP 4)
+                    want = torch.cat([full_qkv[0][:, rank * 96 // tp:(rank + 1) * 96 // tp],
+                                      *(f[:, kv * 24:(kv + 1) * 24] for f in full_qkv[1:])], 1)
+                    torch.testing.assert_close(method.apply(layer, x), want, rtol=1e-4,
+                                               atol=1e-4)
+        torch.testing.assert_close(partial, h.double() @ w_o.t(), rtol=1e-4, atol=1e-4)
