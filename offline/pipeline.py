@@ -36,9 +36,9 @@ from offline.overrides import Selection, select
 from offline.perturbation import block_errors
 from offline.quantizers.base import Quantizer, make_quantizer, methods
 from offline.reorder import Order, identity_order, salience_orders
-from offline.tp_plan import LinearShape, TPPlan, plan_tp
 from offline.salience import fisher_diagonal, load_salience, resolve_device, save_salience
 from offline.sequential import make_plans, quantize_layers
+from offline.tp_plan import LinearShape, TPPlan, plan_tp
 from sfmp_serve.errors import SFMPError
 from sfmp_serve.format import (MAX_BITS, BitStats, LayerGeometry, PackedLinear, SFMPConfig,
                                checkpoint_config, linear_ranges, relative_name)

@@ -8,13 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from offline.pipeline import QuantizeOptions, quantize_model
+from offline.tp_plan import LinearShape, plan_tp
+from sfmp_serve.arch import LLAMA_LIKE, PHI3
 from sfmp_serve.errors import FormatError, SFMPError
 from sfmp_serve.format import TENSOR_SUFFIXES, LayerGeometry, PackedLinear, SFMPConfig
 from sfmp_serve.ops import api
 from sfmp_serve.ops.reference import dequantize, sfmp_linear_reference
 from sfmp_serve.tp import (check_tensor_parallel, localize, narrow, parts, rank_share,
                            serving_parts)
-from offline.pipeline import QuantizeOptions, quantize_model
 from tests.offline.helpers import make_config, random_packed
 from tests.tiny import make_tiny_model
 
@@ -196,9 +198,8 @@ def test_config_records_ranges_only_from_version_4() -> None:
     assert SFMPConfig.from_dict(config.to_dict()) == config
 
 
-def _llama_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int):
-    from offline.tp_plan import LinearShape
-
+def _llama_shapes(hidden: int, intermediate: int, heads: int,
+                  kv_heads: int) -> list[LinearShape]:
     head = hidden // heads
     return [LinearShape("self_attn.q_proj", hidden, hidden),
             LinearShape("self_attn.k_proj", kv_heads * head, hidden),
@@ -210,10 +211,6 @@ def _llama_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int):
 
 
 def test_shards_the_model_cannot_take_are_refused_naming_layer_and_numbers(caplog):
-    from offline.tp_plan import plan_tp
-    from sfmp_serve.arch import LLAMA_LIKE, PHI3
-    from offline.tp_plan import LinearShape
-
     smollm = {"num_attention_heads": 9, "num_key_value_heads": 3}
     with pytest.raises(SFMPError, match="--tp-shards 8: layer self_attn.q_proj has 9 attention "
                                         "heads, which cannot be split into 8 equal"):

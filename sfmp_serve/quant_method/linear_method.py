@@ -100,8 +100,12 @@ class SFMPLinearMethod(LinearMethodBase):
             else:  # a rank holds `count` of the n equal output ranges
                 full = (rows // share.count * share.n, cols)
             self.shares.append(share)
-            self.full.append(LayerGeometry(*full, self.config.group_size,
-                                           self.config.block_rows, *ranges))
+            try:
+                self.full.append(LayerGeometry(*full, self.config.group_size,
+                                               self.config.block_rows, *ranges))
+            except FormatError as e:  # vLLM's shape and the checkpoint's ranges disagree
+                raise FormatError(f"layer {name}: tensor-parallel ranges {list(ranges)}: "
+                                  f"{e}") from None
         setattr(layer, _LOADED, {})
         for suffix in TENSOR_SUFFIXES:
             param = torch.nn.Parameter(
