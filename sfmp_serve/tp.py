@@ -9,8 +9,9 @@ share is a contiguous run of ranges and, because parts are stored one after the 
 contiguous slice of every stored tensor: `narrow` cuts it as the tensor arrives, the way vLLM's
 own weight loaders narrow dense weights. `parts` then cuts a (local) linear into its ranges, each
 a plain linear the op backends already run, and `serving_parts` arranges them for the op:
-output ranges side by side (like vLLM's fused q/k/v), input ranges summed, or joined into one
-linear where their groups line up.
+output ranges side by side (like vLLM's fused q/k/v), input ranges joined into one linear
+(where a range ends in a ragged group, widened by zero columns that read zero activations), or,
+when that padding would be large, one call per range, summed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from sfmp_serve.errors import FormatError, SFMPError
-from sfmp_serve.format import TP_RANGES_SINCE, LayerGeometry, PackedLinear, SFMPConfig
+from sfmp_serve.format import (TP_RANGES_SINCE, WORD_BITS, LayerGeometry, PackedLinear,
+                               SFMPConfig)
 
 
 def check_tensor_parallel(config: SFMPConfig, tp: int) -> None:
@@ -196,15 +198,52 @@ def join_inputs(pieces: list[PackedLinear], config: SFMPConfig) -> PackedLinear 
                         output_perm=first.output_perm, bias=first.bias)
 
 
+def widen_last_group(piece: PackedLinear, config: SFMPConfig) -> PackedLinear:
+    """A plain linear whose ragged last group is widened to a whole group: the new inputs'
+    bits are zero and their activations must be zero (`serving_parts` gathers them from a
+    zero column), so they add nothing; the grid is then the uniform one of a wider linear."""
+    geo = piece.geometry(config)
+    last = int(geo.cols()[-1])
+    if last == config.group_size:
+        return piece
+    old, new = -(-last // WORD_BITS), -(-config.group_size // WORD_BITS)
+    rows, words = geo.rows().tolist(), geo.block_words(piece.block_bits)
+    chunks = []
+    for r in range(geo.n_block_rows):
+        for g in range(geo.n_groups):
+            start = int(piece.block_offsets[r, g])
+            block = piece.qweight[start:start + int(words[r, g])]
+            if g == geo.n_groups - 1 and new != old:
+                bits = int(piece.block_bits[r, g])
+                wide = block.new_zeros(bits, new, rows[r])
+                wide[:, :old] = block.view(bits, old, rows[r])
+                block = wide.flatten()
+            chunks.append(block)
+    width = geo.n_groups * config.group_size
+    wide_geo = LayerGeometry(piece.out_features, width, config.group_size, config.block_rows)
+    offsets, _ = wide_geo.offsets(piece.block_bits)
+    return replace(piece, qweight=torch.cat(chunks), block_offsets=offsets.to(torch.int32),
+                   input_perm=torch.cat([piece.input_perm, torch.arange(
+                       piece.in_features, width, dtype=piece.input_perm.dtype)]))
+
+
+# Input ranges with ragged groups are widened and joined (one call, zero activations in the
+# padding) while that reads at most this many times the real weights; beyond, one call each.
+MAX_PADDING = 2.0
+
+
 @dataclass(frozen=True)
 class InputPart:
     """Linears that read columns [start, stop) of the layer's input; their outputs side by
-    side (in vLLM's order) are this part's contribution, summed over the parts."""
+    side (in vLLM's order) are this part's contribution, summed over the parts. With `gather`
+    the part reads x_ext[:, gather] instead, x_ext being x with a zero column appended (the
+    padding of widened input ranges)."""
 
     start: int
     stop: int
     names: tuple[str, ...]
     shards: tuple[PackedLinear, ...]
+    gather: torch.Tensor | None = None
 
 
 def serving_parts(shard_names: tuple[str, ...], shards: tuple[PackedLinear, ...],
@@ -227,6 +266,14 @@ def serving_parts(shard_names: tuple[str, ...], shards: tuple[PackedLinear, ...]
     joined = join_inputs(cut, config)
     if joined is not None:
         return [InputPart(0, joined.in_features, shard_names, (joined,))]
+    wide = [widen_last_group(piece, config) for piece in cut]
+    width, padded = shards[0].in_features, sum(p.in_features for p in wide)
+    if padded <= MAX_PADDING * width:
+        real = width // len(cut)
+        local = torch.arange(wide[0].in_features)
+        gather = torch.cat([torch.where(local < real, j * real + local, width)
+                            for j in range(len(cut))])
+        return [InputPart(0, width, shard_names, (join_inputs(wide, config),), gather)]
     out, start = [], 0
     for i, piece in enumerate(cut):
         out.append(InputPart(start, start + piece.in_features, (f"{shard_names[0]}[{i}]",),

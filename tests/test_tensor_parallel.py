@@ -82,7 +82,8 @@ def test_a_permutation_leaving_its_range_is_refused() -> None:
 CASES = [  # (rows, inputs, split, tensor parallel sizes)
     (48, 72, ("out", 4), (2, 4)),  # column-parallel: q / gate / up
     (48, 72, ("out", 2), (2, 4)),  # a K/V projection with 2 KV heads: replicated at tp 4
-    (48, 88, ("in", 4), (2, 4)),  # row-parallel, ranges of 22 inputs: ragged groups
+    (48, 88, ("in", 4), (2, 4)),  # row-parallel, ranges of 22 inputs: ragged groups, widened
+    (48, 20, ("in", 4), (2, 4)),  # row-parallel, ranges of 5 inputs: one call per range
     (48, 128, ("in", 4), (2, 4)),  # row-parallel, ranges of whole groups: joined at load
 ]
 
@@ -152,12 +153,17 @@ def test_quantized_models_split_into_rank_slices(tmp_path, arch: str, shards: in
         check_ranks(packed, config, split, tuple(t for t in (2, 4) if shards % t == 0))
 
 
-def test_whole_group_ranges_are_joined_and_ragged_ones_summed() -> None:
+def test_input_ranges_are_joined_widened_or_summed() -> None:
     joined, _ = random_packed(48, 128, CONFIG, seed=6, ranges=(1, 4))  # 32 = 2 groups each
-    ragged, _ = random_packed(48, 88, CONFIG, seed=6, ranges=(1, 4))  # 22: a ragged group
-    assert len(serving_parts(("lin",), (joined,), CONFIG)) == 1
-    assert [(p.start, p.stop) for p in serving_parts(("lin",), (ragged,), CONFIG)] == [
-        (0, 22), (22, 44), (44, 66), (66, 88)]
+    (part,) = serving_parts(("lin",), (joined,), CONFIG)
+    assert part.gather is None and part.shards[0].in_features == 128
+    ragged, _ = random_packed(48, 88, CONFIG, seed=6, ranges=(1, 4))  # 22 = 16 + 6: widened
+    (part,) = serving_parts(("lin",), (ragged,), CONFIG)  # to 32 (1.45x) and joined
+    assert part.shards[0].in_features == 128 and part.gather.tolist()[16:34] == [
+        16, 17, 18, 19, 20, 21] + [88] * 10 + [22, 23]
+    thin, _ = random_packed(48, 20, CONFIG, seed=6, ranges=(1, 4))  # 5 -> 16 would be 3.2x:
+    assert [(p.start, p.stop) for p in serving_parts(("lin",), (thin,), CONFIG)] == [
+        (0, 5), (5, 10), (10, 15), (15, 20)]  # one call per range, summed
     outputs, _ = random_packed(48, 88, CONFIG, seed=6, ranges=(4, 1))
     (only,) = serving_parts(("lin",), (outputs,), CONFIG)  # side by side, like fused q/k/v
     assert len(only.shards) == 4

@@ -11,7 +11,6 @@ reference op. `DequantizedLinear` is the evaluation form: the same weights dequa
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +21,6 @@ from sfmp_serve.format import TENSOR_SUFFIXES, PackedLinear, SFMPConfig
 from sfmp_serve.model_dir import module_name
 from sfmp_serve.ops import api
 from sfmp_serve.ops.reference import dequantize, sfmp_linear_reference
-from sfmp_serve.ops.runtime import fuse_shards
-from sfmp_serve.tp import serving_parts
 
 
 # Activation dtypes the op backends are built for; anything else (float64) takes the reference op.
@@ -58,38 +55,28 @@ class SFMPLinear(nn.Module):
                             ranges=self.ranges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = self._op_for(x)
-        if op is None:
+        parts = self._op_for(x)
+        if parts is None:
             return sfmp_matmul(x, self.packed(), self.config)
-        x2 = x.reshape(-1, self.in_features)
-        y = None
-        for start, stop, backend, state in op:  # one part unless inputs are cut into ranges
-            xs = x2 if len(op) == 1 else x2[:, start:stop].contiguous()
-            y = backend.apply(xs, state) if y is None else y + backend.apply(xs, state)
+        y = api.apply_parts(x.reshape(-1, self.in_features), parts)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _op_for(self, x: torch.Tensor) -> list[tuple[int, int, Any, Any]] | None:
-        """(input start, stop, backend, runtime state) of each input part of the serving op
-        for x (sfmp_serve/tp.py), built on first use; None when no backend applies. Kept
-        outside the buffers, so state_dict() stays the checkpoint's, and rebuilt when the
-        buffers were replaced (load_state_dict, .to())."""
+    def _op_for(self, x: torch.Tensor) -> list[api.PreparedPart] | None:
+        """The serving op's prepared input parts for x (one unless the inputs are cut into
+        tensor-parallel ranges: sfmp_serve/tp.py), built on first use; None when no backend
+        applies. Kept outside the buffers, so state_dict() stays the checkpoint's, and rebuilt
+        when the buffers were replaced (load_state_dict, .to())."""
         key = (self.qweight.data_ptr(), self.alpha.data_ptr(), x.dtype, x.device)
         if getattr(self, "_op_key", None) != key:
             self._op_key, self._op = key, None
             if x.dtype in _OP_DTYPES and x.device == self.qweight.device:
-                ops = []
-                for part in serving_parts(("hf",), (self.packed(),), self.config):
-                    fused = fuse_shards("hf", part.names, part.shards, self.config, x.dtype,
-                                        x.device)
-                    try:
-                        backend = api.select_backend(fused.spec)
-                    except SFMPError:
-                        break  # no backend for this device: the reference op
-                    ops.append((part.start, part.stop, backend, backend.prepare(fused)))
-                else:
-                    self._op = ops
+                try:
+                    self._op = api.prepare_parts("hf", ("hf",), (self.packed(),), self.config,
+                                                 x.dtype, x.device)
+                except SFMPError:
+                    pass  # no backend for this device: the reference op
         return self._op
 
     def extra_repr(self) -> str:

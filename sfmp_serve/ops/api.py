@@ -75,26 +75,66 @@ class LayerHandle:
 
 
 @dataclass
-class _Entry:
+class PreparedPart:
+    """One input part of a layer (sfmp_serve/tp.py InputPart) with its backend state."""
+
+    start: int
+    stop: int
+    gather: torch.Tensor | None  # on the layer's device
     backend: Backend
     state: Any
     spec: LayerSpec
-    # Further input parts of a layer whose inputs are split into ranges that do not line up
-    # with the groups (sfmp_serve/tp.py): (start, stop, backend, state) each, outputs summed.
-    more: tuple[tuple[int, int, Backend, Any], ...] = ()
-    stop: int | None = None  # last input column of the first part when there are more
+
+    def apply(self, x: torch.Tensor, whole: bool) -> torch.Tensor:
+        """This part's output for the layer input x [M, in_features]."""
+        if self.gather is not None:  # widened input ranges: their padding reads a zero column
+            x = torch.nn.functional.pad(x, (0, 1))[:, self.gather]
+        elif not whole:
+            x = x[:, self.start:self.stop].contiguous()
+        return self.backend.apply(x, self.state)
+
+
+def prepare_parts(name: str, shard_names: tuple[str, ...], shards: tuple[PackedLinear, ...],
+                  config: SFMPConfig, act_dtype: torch.dtype,
+                  device: torch.device | str) -> list[PreparedPart]:
+    """Backend states of a layer's input parts (one, unless its inputs are cut into ranges
+    that run separately: sfmp_serve/tp.py); raises SFMPError when no backend applies."""
+    prepared = []
+    for part in serving_parts(shard_names, shards, config):
+        fused = fuse_shards(name, part.names, part.shards, config, act_dtype, device)
+        backend = select_backend(fused.spec)
+        gather = None if part.gather is None else part.gather.to(device)
+        prepared.append(PreparedPart(part.start, part.stop, gather, backend,
+                                     backend.prepare(fused), fused.spec))
+    return prepared
+
+
+def apply_parts(x: torch.Tensor, parts: list[PreparedPart]) -> torch.Tensor:
+    """y = x @ W^T of a layer from its prepared input parts (their outputs summed)."""
+    y = parts[0].apply(x, len(parts) == 1)
+    for part in parts[1:]:
+        y = y + part.apply(x, False)
+    return y
+
+
+@dataclass
+class _Entry:
+    parts: list[PreparedPart]
+
+    @property
+    def spec(self) -> LayerSpec:
+        return self.parts[0].spec
+
+    @property
+    def backend(self) -> Backend:
+        return self.parts[0].backend
 
     @property
     def nbytes(self) -> int:
-        return self.state.nbytes + sum(m[3].nbytes for m in self.more)
+        return sum(p.state.nbytes for p in self.parts)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.more:
-            return self.backend.apply(x, self.state)
-        y = self.backend.apply(x[:, :self.stop].contiguous(), self.state)
-        for start, stop, backend, state in self.more:
-            y = y + backend.apply(x[:, start:stop].contiguous(), state)
-        return y
+        return apply_parts(x, self.parts)
 
 
 _BACKENDS: dict[str, list[tuple[int, Backend]]] = {}
@@ -145,19 +185,13 @@ def prepare_layer(name: str, shard_names: tuple[str, ...], shards: tuple[PackedL
 
     Shards may carry tensor-parallel ranges (a version 4 checkpoint, or one rank's share of
     it): they are cut into plain linears first (sfmp_serve/tp.py)."""
-    prepared = []
-    for part in serving_parts(shard_names, shards, config):
-        fused = fuse_shards(name, part.names, part.shards, config, act_dtype, device)
-        backend = select_backend(fused.spec)
-        prepared.append((part.start, part.stop, backend, backend.prepare(fused), fused.spec))
-    first = prepared[0]
-    entry = _Entry(first[2], first[3], first[4], tuple(p[:4] for p in prepared[1:]), first[1])
+    entry = _Entry(prepare_parts(name, shard_names, shards, config, act_dtype, device))
     if name in _LAYERS:
         metrics.add_weight_bytes(-_LAYERS[name].nbytes)
         logger.debug("replacing prepared SFMP layer %s", name)
     _LAYERS[name] = entry
     metrics.add_weight_bytes(entry.nbytes)
-    return LayerHandle(name, first[4].out_features, entry.backend.name, entry.nbytes)
+    return LayerHandle(name, entry.spec.out_features, entry.backend.name, entry.nbytes)
 
 
 def release_layer(name: str) -> None:
