@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from sfmp_serve.errors import FormatError, SFMPError
-from sfmp_serve.format import (TP_RANGES_SINCE, WORD_BITS, LayerGeometry, PackedLinear,
-                               SFMPConfig)
+from sfmp_serve.format import (TENSOR_SUFFIXES, TP_RANGES_SINCE, WORD_BITS, LayerGeometry,
+                               PackedLinear, SFMPConfig)
 
 
 def check_tensor_parallel(config: SFMPConfig, tp: int) -> None:
@@ -137,33 +137,21 @@ def localize(packed: PackedLinear, geo: LayerGeometry, share: RankShare) -> Pack
 
 
 def parts(packed: PackedLinear, config: SFMPConfig) -> list[PackedLinear]:
-    """The ranges of a linear as plain linears (row-major over parts), each a valid linear of
-    format version 3's layout: its own rows/columns, offsets and permutations."""
+    """The ranges of a linear as plain linears, each what a rank owning just that range keeps
+    (`narrow` + `localize`): a valid linear of format version 3's layout."""
     geo = packed.geometry(config)
     if geo.n_parts == 1:
         return [packed]
-    words = geo.block_words(packed.block_bits)
+    dim, n = ("out", geo.row_ranges) if geo.row_ranges > 1 else ("in", geo.col_ranges)
     out = []
-    for i in range(geo.row_ranges):
-        for j in range(geo.col_ranges):
-            r = slice(i * geo.part_rows, (i + 1) * geo.part_rows)
-            c = slice(j * geo.part_cols, (j + 1) * geo.part_cols)
-            br = slice(i * geo.part_block_rows, (i + 1) * geo.part_block_rows)
-            g = slice(j * geo.part_groups, (j + 1) * geo.part_groups)
-            start = int(packed.block_offsets[br.start, g.start])
-            length = int(words[br, g].sum())
-            split_in = geo.col_ranges > 1
-            out.append(PackedLinear(
-                qweight=packed.qweight[start:start + length],
-                alpha=packed.alpha[r, g], beta=packed.beta[r, g],
-                block_bits=packed.block_bits[br, g],
-                block_offsets=packed.block_offsets[br, g] - start,
-                input_perm=packed.input_perm[c] - c.start if split_in else packed.input_perm,
-                output_perm=(packed.output_perm[r] - r.start if geo.row_ranges > 1
-                             else packed.output_perm),
-                # an input split sums its parts: the bias belongs to the first only
-                bias=(None if packed.bias is None or (split_in and j) else
-                      packed.bias if split_in else packed.bias[r])))
+    for i in range(n):
+        share = RankShare(dim, n, i, 1)
+        kept = {s: narrow(s, getattr(packed, s), geo, share, packed.block_offsets)
+                for s in TENSOR_SUFFIXES}
+        # an input split sums its parts: the bias belongs to the first only
+        bias = (None if packed.bias is None or (dim == "in" and i) else
+                narrow("bias", packed.bias, geo, share))
+        out.append(localize(PackedLinear(**kept, bias=bias, ranges=packed.ranges), geo, share))
     return out
 
 
@@ -179,11 +167,9 @@ def join_inputs(pieces: list[PackedLinear], config: SFMPConfig) -> PackedLinear 
         if not torch.equal(p.output_perm, first.output_perm):
             raise FormatError("the input ranges of one linear have different output orders")
     rows = first.geometry(config).n_block_rows
-    chunks = []  # block-row after block-row: each piece's words of that block-row
-    for r in range(rows):
-        for p in pieces:
-            offsets = p.block_offsets[:, 0].tolist() + [p.qweight.numel()]
-            chunks.append(p.qweight[offsets[r]:offsets[r + 1]])
+    # each piece's block-row r is words [starts[r], starts[r + 1]) of its qweight
+    starts = [p.block_offsets[:, 0].tolist() + [p.qweight.numel()] for p in pieces]
+    chunks = [p.qweight[st[r]:st[r + 1]] for r in range(rows) for p, st in zip(pieces, starts)]
     width = 0
     perms = []
     for p in pieces:
